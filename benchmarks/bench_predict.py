@@ -2,21 +2,22 @@
 
 Same images (real photos resized to 640x480, 1024x768 and 1920x1080), same weights (a torchvision
 ResNet-50 FPN state dict with random weights whose classifier yields 100 detections per image with
-well-spread scores), each variant in its own process so peak RSS is its own, rounds interleaved
-(a b c a b c ...) because the machine may be shared:
+well-spread scores, made here), each variant in its own process so peak RSS is its own, rounds
+interleaved (a b c a b c ...) because the machine may be shared:
 
   (a) loop  what users write: cv2 decode, model([img]) (torchvision pastes N x H x W float masks),
             threshold, pycocotools encode, one JSON at the end
   (b) api   maskseg's Python API, ``maskseg.predict(...)`` (decode threads, box-local paste and RLE,
-            journal, COCO writers), the network's time measured inside it
-  (c) cli   ``python -m maskseg predict`` end to end, as a user runs it
+            journal, COCO writers), the network's forward timed inside it
+  (c) cli   ``python -m maskseg predict ... --writers coco,results`` as a user runs it
 
-Columns: ``s/image`` is the time per image inside the run (after imports and model load; for the CLI,
-which cannot be looked into, the process's wall time); ``e2e s/image`` is each process's wall time
-from start to exit over the images (imports and model load included: what a user waits for); ratios
-are to (a) on the same column. ``outside fwd`` is the share of (b)'s in-run time not spent in the
-network's forward (decode, paste, RLE, JSON, journal). Agreement: per image, detections matched by
-box IoU >= 0.99 and same class, and the mask IoU of matched pairs. Usage:
+Columns: ``s/image`` is the time per image once the model is ready (imports and model load excluded:
+(a) and (b) time themselves, (c) from its "inference rewrites" log line to its exit, final JSON
+included); ``e2e s/image`` is each process's wall time from start to exit over the images. Speed-ups
+and RSS ratios are per round against that round's loop (paired), then the median [min-max] over
+rounds. ``outside fwd`` is the share of (b)'s time not spent in the network's forward (decode, paste,
+RLE, JSON, journal). Agreement: per image, same count, detections matched by class and box, and the
+mask IoU of matched pairs. Usage:
     python benchmarks/bench_predict.py [--images N_PER_SIZE] [--rounds R] [--threads T] [--keep DIR]
 """
 

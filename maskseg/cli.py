@@ -63,6 +63,9 @@ def predict(
     threads: Annotated[Optional[int], typer.Option(min=1, help=(  # noqa: UP045
         "Threads the backend may use for the network (default: the runtime's own choice)."))] = None,
     device: Annotated[str, typer.Option(help="auto (GPU if present), cpu, cuda or cuda:N.")] = _M.device,
+    precision: Annotated[str, typer.Option(help=(
+        "fp32, or fp16/bf16: mixed precision on a CUDA GPU (faster there; outputs differ slightly). The CPU "
+        "runs fp32."))] = _M.precision,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = _D.batch_size,
     score_thresh: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep detections scoring at least this.")
                             ] = _M.score_thresh,
@@ -118,7 +121,8 @@ def predict(
     config = cfg.PredictConfig(
         model=replace(_M, name=model, weights=str(weights) if weights else None, device=device,
                       score_thresh=score_thresh, max_dets=max_dets, min_size=min_size, max_size=max_size,
-                      backend=backend, labels=str(labels) if labels else None, threads=threads),
+                      backend=backend, labels=str(labels) if labels else None, threads=threads,
+                      precision=precision),
         engine=engine_config, shard=_parse_shard(shard),
         batch_size=batch_size, mask_thresh=mask_thresh,
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else (),

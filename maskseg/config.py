@@ -39,6 +39,7 @@ class ModelConfig:
     backend: str = "torch"  # torch | onnxruntime | tensorflow (see maskseg.backends)
     labels: str | None = None  # a label map file (TF Object Detection API .pbtxt) naming the classes
     threads: int | None = None  # intra-op threads of the backend; None keeps the runtime's default
+    precision: str = "fp32"  # fp32 | fp16 | bf16: fp16/bf16 autocast the torch backend on a CUDA GPU
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,76 @@
+"""LocalEngine: results in input order, the model one batch ahead in its own thread (or inline)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from maskseg.config import PredictConfig
+from maskseg.engine import LocalEngine
+from maskseg.errors import MasksegError
+from maskseg.sources import scan_sources
+
+
+class _Recorder:
+    """A stand-in segmenter: returns each image's width and records the thread it ran in."""
+
+    def __init__(self, fail_width: int | None = None) -> None:
+        self.threads: list[str] = []
+        self.fail_width = fail_width
+
+    def __call__(self, images):
+        self.threads.append(threading.current_thread().name)
+        if any(rgb.shape[1] == self.fail_width for rgb in images):
+            raise MemoryError
+        return [int(rgb.shape[1]) for rgb in images]
+
+
+def _photos(folder: Path, widths: list[int]) -> list:
+    folder.mkdir()
+    for i, w in enumerate(widths):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), np.full((6, w, 3), i * 20, np.uint8))
+    (folder / "99_broken.png").write_bytes(b"not a png")
+    return scan_sources([str(folder)]).refs
+
+
+@pytest.mark.parametrize(("workers", "batch_size"), [(2, 1), (2, 2), (0, 1)])
+def test_results_come_in_input_order(tmp_path, workers, batch_size):
+    widths = [5, 7, 9, 11, 13]
+    refs = _photos(tmp_path / "in", widths)
+    engine = LocalEngine(PredictConfig(decode_workers=workers, batch_size=batch_size))
+    engine.segmenter = _Recorder()
+    steps = list(engine.run(refs))
+    assert [d for s in steps for d in s.detections] == widths
+    assert [i.ref.rel_path for s in steps for i in s.images] == [f"{i:02d}.png" for i in range(len(widths))]
+    assert [f.ref.rel_path for s in steps for f in s.failures] == ["99_broken.png"]
+    expected = "maskseg-model" if workers else threading.current_thread().name
+    assert all(name.startswith(expected) for name in engine.segmenter.threads)
+
+
+def test_an_error_in_the_model_thread_reaches_the_caller(tmp_path):
+    refs = _photos(tmp_path / "in", [5, 7, 9])
+    engine = LocalEngine(PredictConfig(decode_workers=2))
+    engine.segmenter = _Recorder(fail_width=7)
+    results = engine.run(refs)
+    assert next(results).detections == [5]
+    with pytest.raises(MasksegError, match="out of memory"):
+        next(results)
+
+
+def test_a_run_abandoned_part_way_closes_cleanly(tmp_path):
+    refs = _photos(tmp_path / "in", [5, 7, 9, 11])
+    engine = LocalEngine(PredictConfig(decode_workers=2))
+    engine.segmenter = _Recorder()
+    results = engine.run(refs)
+    assert next(results).detections == [5]
+    results.close()  # as api.predict does when a run is interrupted
+    for t in threading.enumerate():
+        if t.name.startswith("maskseg-model"):
+            t.join(10)
+    # The next batch was submitted before the first result was handed over: it ran or was cancelled,
+    # and nothing after it started.
+    assert len(engine.segmenter.threads) in (1, 2)
