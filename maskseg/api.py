@@ -289,6 +289,8 @@ def _settings(config: PredictConfig) -> dict[str, Any]:
     if m.backend != "torch":  # recorded only when not the default, so earlier run.json files still match
         settings["backend"] = m.backend
         settings["labels"] = str(Path(m.labels).resolve()) if m.labels else None
+    if m.precision != "fp32":  # mixed precision moves scores and masks slightly: not mixed with fp32 results
+        settings["precision"] = m.precision
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
     return settings

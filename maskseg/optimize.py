@@ -5,8 +5,9 @@
 - ``fuse_convs``: on the CPU, convolution + ReLU, ResNet's convolution + residual add + ReLU and the FPN's
   lateral convolution + top-down add each run as one oneDNN call (the kernels ``torch.compile`` uses on
   CPU) instead of two or three passes over memory.
-- ``ParallelRoIPool``: torchvision's CPU RoIAlign kernel runs on one core; the RoIs are split across
-  threads (each RoI is pooled independently, so the result is the same tensor).
+- RoI pools: ``maskseg.roi_align.SparseRoIPool`` (RoIAlign as sparse-matrix products over channels_last
+  features) where this torch build's sparse product checks out; else ``ParallelRoIPool``: torchvision's
+  one-core CPU kernel with the RoIs split across threads (each RoI pooled alone: the same tensor).
 - ``to_nchw``: channels_last feature maps -> contiguous NCHW (what RoIAlign reads), fast.
 
 ``prepare_for_inference`` applies what fits the module and the device and returns what it applied.
@@ -53,8 +54,9 @@ def prepare_for_inference(module: nn.Module, device: torch.device, *, threads: i
         fused = fuse_convs(module)
         if fused:
             applied.append(f"{fused} convs fused with their ReLU or add")
-        if use_parallel_roi_pools(module, torch.get_num_threads()):
-            applied.append(f"RoIAlign on {torch.get_num_threads()} threads")
+        pools = use_fast_roi_pools(module, torch.get_num_threads())
+        if pools:
+            applied.append(pools)
         own_weights(module)
         release_freed_memory()
     log.debug("inference rewrites: %s", "; ".join(applied) or "none")
@@ -486,6 +488,29 @@ class ParallelRoIPool(nn.Module):
         state = self.__dict__.copy()
         state["_executor"] = None
         return state
+
+
+def use_fast_roi_pools(module: nn.Module, threads: int) -> str | None:
+    """Replace ``roi_heads``' torchvision pools by ``SparseRoIPool`` where this torch build's sparse
+    product checks out, else by ``ParallelRoIPool``; returns what was done, in words (None: nothing)."""
+    from .roi_align import SparseRoIPool, sparse_roi_align_available
+
+    roi_heads = getattr(module, "roi_heads", None)
+    names = [n for n in ("box_roi_pool", "mask_roi_pool") if type(getattr(roi_heads, n, None)) is MultiScaleRoIAlign]
+    if not names:
+        return None
+    if sparse_roi_align_available():
+        for name in names:
+            setattr(roi_heads, name, SparseRoIPool(getattr(roi_heads, name)))
+        return "RoIAlign as sparse products"
+    use_parallel_roi_pools(module, threads)
+    return f"RoIAlign on {threads} threads"
+
+
+def pools_read_channels_last(roi_heads: nn.Module) -> bool:
+    """Whether every RoI pool of ``roi_heads`` reads channels_last features without an NCHW copy."""
+    pools = [getattr(roi_heads, n, None) for n in ("box_roi_pool", "mask_roi_pool")]
+    return all(getattr(p, "reads_channels_last", False) for p in pools if p is not None)
 
 
 def use_parallel_roi_pools(module: nn.Module, threads: int) -> int:

@@ -93,7 +93,7 @@ class TorchBackend:
         import torch
         from torchvision.models.detection.transform import resize_boxes
 
-        from ..optimize import roi_heads_inference, to_nchw
+        from ..optimize import pools_read_channels_last, roi_heads_inference, to_nchw
 
         if not images:
             return []
@@ -107,7 +107,8 @@ class TorchBackend:
                 batch.tensors = batch.tensors.contiguous(memory_format=torch.channels_last)
             features = self._backbone(net.backbone, batch.tensors)
             proposals, _ = net.rpn(batch, features)
-            if self.loaded.channels_last:  # RoIAlign reads NCHW; convert each level once, for both heads
+            if self.loaded.channels_last and not pools_read_channels_last(net.roi_heads):
+                # torchvision's RoIAlign reads NCHW: each level converted once, for both heads
                 features = {k: to_nchw(v) for k, v in features.items()}
             image_sizes = batch.image_sizes
             del batch
