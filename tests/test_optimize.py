@@ -9,20 +9,20 @@ import torch
 import torch.nn as nn
 import torchvision
 from torchvision.models._utils import IntermediateLayerGetter
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.models.detection.faster_rcnn import TwoMLPHead
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from maskseg.optimize import (
     FusedBottleneck,
     FusedFPN,
-    ParallelRoIPool,
+    FusedTwoMLPHead,
     fold_batchnorm,
     fuse_convs,
     pointwise_conv_available,
+    pointwise_linear_available,
     prepare_for_inference,
     roi_heads_inference,
-    split_boxes,
-    to_nchw,
 )
 
 
@@ -103,51 +103,6 @@ def test_fused_fpn_equals_torchvision_fpn():
         torch.testing.assert_close(out[k], ref[k], rtol=1e-5, atol=1e-6)
 
 
-def test_to_nchw_is_an_exact_copy():
-    t = torch.randn(2, 16, 7, 9).contiguous(memory_format=torch.channels_last)
-    out = to_nchw(t)
-    assert out.is_contiguous() and torch.equal(out, t)
-    plain = torch.randn(1, 3, 4, 5)
-    assert to_nchw(plain) is plain
-
-
-def _features(channels_last: bool) -> dict[str, torch.Tensor]:
-    torch.manual_seed(3)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    return {k: torch.randn(2, 8, s, s * 3 // 2).contiguous(memory_format=fmt)
-            for k, s in (("0", 64), ("1", 32), ("2", 16), ("3", 8))}
-
-
-def _boxes(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    xy = torch.rand(n, 2, generator=g) * torch.tensor([300.0, 200.0])
-    wh = torch.rand(n, 2, generator=g) * 150 + 2
-    return torch.cat([xy, xy + wh], dim=1)
-
-
-@pytest.mark.parametrize("channels_last", [False, True])
-def test_parallel_roi_pool_equals_the_plain_pool_exactly(channels_last):
-    x = _features(channels_last)
-    boxes = [_boxes(150, 1), _boxes(77, 2)]
-    shapes = [(256, 384), (240, 380)]
-    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
-    parallel = ParallelRoIPool(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), threads=3)
-    with torch.inference_mode():
-        ref = plain(x, boxes, shapes)
-        first = parallel(x, boxes, shapes)  # sets the scales, in one piece
-        second = parallel(x, boxes, shapes)  # split across threads
-        few = parallel(x, [boxes[0][:5], boxes[1][:3]], shapes)
-    assert torch.equal(first, ref) and torch.equal(second, ref)
-    assert torch.equal(few, torch.cat([ref[:5], ref[150:153]]))
-
-
-def test_split_boxes_keeps_every_box_once_in_order():
-    boxes = [torch.arange(7.0)[:, None].repeat(1, 4), torch.zeros(0, 4), torch.arange(3.0)[:, None].repeat(1, 4)]
-    parts = split_boxes(boxes, 3)
-    for i, b in enumerate(boxes):
-        assert torch.equal(torch.cat([parts[k][i] for k in range(3)]), b)
-
-
 def test_roi_heads_inference_equals_torchvision_roi_heads(tiny_model):
     net = tiny_model
     torch.manual_seed(1)
@@ -179,3 +134,17 @@ def test_prepare_for_inference_keeps_the_detections(tiny_model):
         torch.testing.assert_close(o["boxes"], r["boxes"], rtol=0, atol=1e-3)
         torch.testing.assert_close(o["scores"], r["scores"], rtol=0, atol=1e-5)
         assert torch.equal(o["labels"], r["labels"])
+
+
+@pytest.mark.skipif(not pointwise_linear_available(), reason="this torch build has no oneDNN fused linear")
+def test_fused_box_head_equals_torchvision_two_mlp_head():
+    torch.manual_seed(0)
+    head = TwoMLPHead(256 * 7 * 7, 1024)
+    fused = FusedTwoMLPHead(head)
+    x = torch.randn(300, 256, 7, 7)
+    with torch.inference_mode():
+        ref, out = head(x), fused(x)
+    assert out.shape == (300, 1024) and (ref > 0).any()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    with torch.enable_grad():  # autograd takes torchvision's ops
+        assert torch.equal(fused(x), head(x))

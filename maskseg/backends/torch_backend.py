@@ -93,7 +93,8 @@ class TorchBackend:
         import torch
         from torchvision.models.detection.transform import resize_boxes
 
-        from ..optimize import pools_read_channels_last, roi_heads_inference, to_nchw
+        from ..optimize import roi_heads_inference
+        from ..roi_pools import pools_read_channels_last, to_nchw
 
         if not images:
             return []

@@ -1,4 +1,5 @@
-"""maskseg.roi_align: the sparse-product RoIAlign gives torchvision's RoIAlign (to float rounding)."""
+"""maskseg.roi_pools: the sparse-product RoIAlign gives torchvision's (to float rounding), the threaded pool
+gives it exactly."""
 
 from __future__ import annotations
 
@@ -8,8 +9,16 @@ import pytest
 import torch
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from maskseg.optimize import pools_read_channels_last, prepare_for_inference
-from maskseg.roi_align import SparseRoIPool, sparse_roi_align, sparse_roi_align_available
+from maskseg.optimize import prepare_for_inference
+from maskseg.roi_pools import (
+    ParallelRoIPool,
+    SparseRoIPool,
+    pools_read_channels_last,
+    sparse_roi_align,
+    sparse_roi_align_available,
+    split_boxes,
+    to_nchw,
+)
 
 
 def _rois(n: int, seed: int, *, images: int, width: float, height: float) -> torch.Tensor:
@@ -95,3 +104,50 @@ def test_prepare_for_inference_uses_the_sparse_pools(tiny_model):
     assert isinstance(model.roi_heads.box_roi_pool, SparseRoIPool)
     assert isinstance(model.roi_heads.mask_roi_pool, SparseRoIPool)
     assert pools_read_channels_last(model.roi_heads)
+
+
+# ---- torchvision's kernel over threads
+
+def test_to_nchw_is_an_exact_copy():
+    t = torch.randn(2, 16, 7, 9).contiguous(memory_format=torch.channels_last)
+    out = to_nchw(t)
+    assert out.is_contiguous() and torch.equal(out, t)
+    plain = torch.randn(1, 3, 4, 5)
+    assert to_nchw(plain) is plain
+
+
+def _levels(channels_last: bool) -> dict[str, torch.Tensor]:
+    torch.manual_seed(3)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return {k: torch.randn(2, 8, s, s * 3 // 2).contiguous(memory_format=fmt)
+            for k, s in (("0", 64), ("1", 32), ("2", 16), ("3", 8))}
+
+
+def _boxes(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(n, 2, generator=g) * torch.tensor([300.0, 200.0])
+    wh = torch.rand(n, 2, generator=g) * 150 + 2
+    return torch.cat([xy, xy + wh], dim=1)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_parallel_roi_pool_equals_the_plain_pool_exactly(channels_last):
+    x = _levels(channels_last)
+    boxes = [_boxes(150, 1), _boxes(77, 2)]
+    shapes = [(256, 384), (240, 380)]
+    plain = MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2)
+    parallel = ParallelRoIPool(MultiScaleRoIAlign(["0", "1", "2", "3"], 7, 2), threads=3)
+    with torch.inference_mode():
+        ref = plain(x, boxes, shapes)
+        first = parallel(x, boxes, shapes)  # sets the scales, in one piece
+        second = parallel(x, boxes, shapes)  # split across threads
+        few = parallel(x, [boxes[0][:5], boxes[1][:3]], shapes)
+    assert torch.equal(first, ref) and torch.equal(second, ref)
+    assert torch.equal(few, torch.cat([ref[:5], ref[150:153]]))
+
+
+def test_split_boxes_keeps_every_box_once_in_order():
+    boxes = [torch.arange(7.0)[:, None].repeat(1, 4), torch.zeros(0, 4), torch.arange(3.0)[:, None].repeat(1, 4)]
+    parts = split_boxes(boxes, 3)
+    for i, b in enumerate(boxes):
+        assert torch.equal(torch.cat([parts[k][i] for k in range(3)]), b)
