@@ -1,4 +1,4 @@
-"""Training speed of ``maskseg.train`` against torchvision's reference loop, measured in ONE run.
+"""Training speed of ``maskseg.training`` against torchvision's reference loop, measured in ONE run.
 
 Same model (maskseg's ``small`` Mask R-CNN, random initial weights from one seed), same data (the
 fruits_nuts training photos, ids 0-13, through the same dataset and collate, no augmentation), same
@@ -8,7 +8,7 @@ rounds interleaved (a b a b ...) because the machine may be shared:
   (a) reference  torchvision's ``references/detection/engine.py`` loop as users copy it: per epoch
                  ``train_one_epoch`` (loss_dict = model(images, targets); sum; zero_grad; backward;
                  step; warm-up scheduler) and a checkpoint {model, optimizer, lr_scheduler, epoch}
-  (b) maskseg    ``maskseg.train.train`` with the same settings: its loop, metrics file, gradient
+  (b) maskseg    ``maskseg.training.train`` with the same settings: its loop, metrics file, gradient
                  clipping, atomic last.pt per epoch (model + optimizer + scheduler + RNG) and the plot
 
 ``images/s`` is images trained over the wall time of the training (model built, data read, every
@@ -94,7 +94,7 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict:
 
 
 def run_maskseg(args: argparse.Namespace, work: Path) -> dict:
-    from maskseg.train import read_metrics, train
+    from maskseg.training import read_metrics, train
 
     started = time.monotonic()
     summary = train(_train_json(work), FRUITS / "images", work / "run", _config(args))

@@ -68,7 +68,12 @@ def predict(
     precision: Annotated[str, typer.Option(help=(
         "fp32, or fp16/bf16: mixed precision on a CUDA GPU (faster there; outputs differ slightly). The CPU "
         "runs fp32."))] = _M.precision,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = _D.batch_size,
+    compile_backbone: Annotated[bool, typer.Option("--compile", help=(
+        "torch.compile the backbone, for long runs on a GPU: each new input size compiles once (seconds to "
+        "minutes). On a CPU maskseg's own rewrites already do what it does (measured: no gain)."))] = False,
+    batch_size: Annotated[str, typer.Option(help=(
+        "Images per forward pass, or auto: 1 on a CPU (fastest there), on a GPU as many as half its free memory "
+        "holds, up to 8."))] = "auto",
     score_thresh: Annotated[float, typer.Option(min=0.0, max=1.0, help="Keep detections scoring at least this.")
                             ] = _M.score_thresh,
     mask_thresh: Annotated[float, typer.Option(min=0.0, max=1.0, help="Mask probability threshold.")
@@ -124,9 +129,9 @@ def predict(
         model=replace(_M, name=model, weights=str(weights) if weights else None, device=device,
                       score_thresh=score_thresh, max_dets=max_dets, min_size=min_size, max_size=max_size,
                       backend=backend, labels=str(labels) if labels else None, threads=threads,
-                      precision=precision),
+                      precision=precision, compile=compile_backbone),
         engine=engine_config, shard=_parse_shard(shard),
-        batch_size=batch_size, mask_thresh=mask_thresh,
+        batch_size=cfg.parse_batch_size(batch_size), mask_thresh=mask_thresh,
         classes=tuple(c.strip() for c in classes.split(",") if c.strip()) if classes else (),
         writers=tuple(w.strip() for w in writers.split(",") if w.strip()),
         decode_workers=workers if workers is not None and engine != "ray" else _D.decode_workers,

@@ -1,4 +1,4 @@
-"""`maskseg eval`: options -> EvalConfig -> one call of maskseg.evaluate -> rich tables (and --json, --plot)."""
+"""`maskseg eval`: options -> EvalConfig -> maskseg.evaluation.evaluate -> rich tables (and --json, --plot)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import typer
 from . import config as cfg
 
 if TYPE_CHECKING:
-    from .evaluate import EvalReport
+    from .evaluation import EvalReport
 
 log = logging.getLogger("maskseg")
 
@@ -40,7 +40,8 @@ def eval_command(
         "--images: folder for the model's outputs (predictions.json, results.json, eval_results.json); "
         "reruns resume in it."))] = Path("out-eval"),
     device: Annotated[str, typer.Option(help="--images: auto (GPU if present), cpu, cuda or cuda:N.")] = _M.device,
-    batch_size: Annotated[int, typer.Option(min=1, help="--images: images per forward pass.")] = _P.batch_size,
+    batch_size: Annotated[str, typer.Option(help=(
+        "--images: images per forward pass, or auto (1 on a CPU, up to 8 on a GPU).")) ] = "auto",
     score_thresh: Annotated[float, typer.Option(min=0.0, max=1.0, help=(
         "--images: keep detections scoring at least this (AP wants the low-score tail)."))] = _M.score_thresh,
     min_size: Annotated[Optional[int], typer.Option(min=32, help=(  # noqa: UP045
@@ -80,11 +81,11 @@ def eval_command(
     config = cfg.EvalConfig(
         iou_types=tuple(t.strip().lower() for t in iou_type.split(",") if t.strip()),
         max_dets=max_dets, fail_under=fail_under, fail_metric=fail_metric,
-        predict=replace(_P, batch_size=batch_size, overwrite=overwrite, model=replace(
+        predict=replace(_P, batch_size=cfg.parse_batch_size(batch_size), overwrite=overwrite, model=replace(
             _M, name=model or _M.name, weights=str(weights) if weights else None, device=device,
             score_thresh=score_thresh, max_dets=max_dets, min_size=min_size, max_size=max_size)),
     )
-    from .evaluate import evaluate
+    from .evaluation import evaluate
 
     progress = stop = None
     caught: list[int] = []

@@ -1,4 +1,4 @@
-"""`maskseg train`: options -> TrainConfig -> one call of maskseg.train (and the progress it draws)."""
+"""`maskseg train`: options -> TrainConfig -> one call of maskseg.training.train (and the progress it draws)."""
 
 from __future__ import annotations
 
@@ -128,8 +128,8 @@ def train_command(
     stop = threading.Event()
     caught: list[int] = []
     _install_stop_handlers(stop, caught)
-    from .train import resume as resume_run
-    from .train import train
+    from .training import resume as resume_run
+    from .training import train
 
     try:
         if resume is not None:

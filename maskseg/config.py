@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .errors import UsageError
+
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 DEFAULT_WRITERS: tuple[str, ...] = ("coco", "results", "overlay")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
@@ -40,6 +42,7 @@ class ModelConfig:
     labels: str | None = None  # a label map file (TF Object Detection API .pbtxt) naming the classes
     threads: int | None = None  # intra-op threads of the backend; None keeps the runtime's default
     precision: str = "fp32"  # fp32 | fp16 | bf16: fp16/bf16 autocast the torch backend on a CUDA GPU
+    compile: bool = False  # torch.compile the torch backend's backbone (each new input size compiles once)
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,7 @@ class PredictConfig:
     """Everything one ``predict`` run needs besides its inputs and output folder."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    batch_size: int = 1
+    batch_size: int | None = None  # None: chosen for the device (maskseg.batching.auto_batch_size)
     mask_thresh: float = 0.5
     classes: tuple[str, ...] = ()
     writers: tuple[str, ...] = DEFAULT_WRITERS
@@ -167,3 +170,16 @@ class EvalConfig:
     fail_under: float | None = None
     fail_metric: str | None = None
     predict: PredictConfig = field(default_factory=_eval_predict_config)
+
+
+def parse_batch_size(text: str) -> int | None:
+    """``--batch-size``: a positive whole number, or ``auto`` (None: chosen for the device)."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise UsageError(f"--batch-size {text}: expected a positive whole number or auto")
+    return value

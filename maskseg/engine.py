@@ -7,17 +7,20 @@ extra) spreads decode and the model over a Ray cluster and streams the same resu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from .batching import Failure, batched, prefetch, segment_batch
+from .batching import Failure, auto_batch_size, batched, prefetch, segment_batch
 from .config import PredictConfig
 from .decode import DecodedImage, decode_image
 from .detections import Detections
 from .errors import UsageError
 from .sources import ImageRef
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -56,6 +59,7 @@ class LocalEngine:
     def __init__(self, config: PredictConfig) -> None:
         self.config = config
         self.segmenter: Any = None
+        self.batch_size = config.batch_size or 1  # ``start`` chooses it for the device when not given
 
     def start(self) -> ModelInfo:
         from .segmenter import Segmenter
@@ -64,6 +68,8 @@ class LocalEngine:
             self.segmenter = Segmenter(self.config.model, mask_thresh=self.config.mask_thresh,
                                        classes=self.config.classes)
         backend = self.segmenter.backend
+        if self.config.batch_size is None:
+            self.batch_size = _batch_size_for(getattr(backend, "device", None))
         return ModelInfo(backend.name, list(backend.categories))
 
     def run(self, refs: Sequence[ImageRef]) -> Iterator[BatchResult]:
@@ -74,7 +80,7 @@ class LocalEngine:
         config = self.config
         stream = prefetch(refs, lambda ref: decode_image(ref, max_pixels=config.max_pixels),
                           workers=config.decode_workers, depth=config.prefetch)
-        batches = batched(stream, config.batch_size)
+        batches = batched(stream, self.batch_size)
         try:
             if config.decode_workers <= 0:
                 for decoded, failures in batches:
@@ -103,6 +109,18 @@ class LocalEngine:
 
     def close(self) -> None:
         self.segmenter = None
+
+
+def _batch_size_for(device: Any) -> int:
+    """``auto_batch_size`` for the model's device (a torch.device, or None for other backends)."""
+    if getattr(device, "type", None) != "cuda":
+        return 1
+    import torch
+
+    free, _ = torch.cuda.mem_get_info(device)
+    size = auto_batch_size("cuda", free)
+    log.info("batch size %d (auto: %.1f GiB free on %s)", size, free / 2**30, device)
+    return size
 
 
 def _result(job: Future, failures: list[Failure]) -> BatchResult:

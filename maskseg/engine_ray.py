@@ -241,7 +241,7 @@ class RayEngine:
                 "ship_pixels": not set(config.writers) <= PIXEL_FREE_WRITERS,
             },
             compute=ActorPoolStrategy(size=engine.workers),
-            batch_size=config.batch_size, batch_format="numpy",
+            batch_size=config.batch_size or 1, batch_format="numpy",
             num_cpus=engine.threads_per_worker, num_gpus=gpus if gpus > 0 else None,
         )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .atomic import atomic_write_bytes
 from .errors import OutputError
-from .evaluate import EvalReport, IoUTypeMetrics, PRCurve
+from .evaluation import EvalReport, IoUTypeMetrics, PRCurve
 
 
 def plot_pr_curves(report: EvalReport, folder: str | Path) -> list[Path]:

@@ -227,7 +227,7 @@ def _state_dict_of(obj: dict, path: str) -> dict:
 
 
 def _dequantized(obj: dict) -> dict:
-    """A compact checkpoint (``maskseg.train.export_int8``) -> float32 state dict: int8 weights times
+    """A compact checkpoint (``maskseg.training.export_int8``) -> float32 state dict: int8 weights times
     their per-output-channel scales, the float16 rest widened."""
     import torch
 

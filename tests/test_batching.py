@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from maskseg.batching import Failure, batched, prefetch, segment_batch
+from maskseg.batching import Failure, auto_batch_size, batched, prefetch, segment_batch
+from maskseg.config import parse_batch_size
 from maskseg.decode import DecodedImage
-from maskseg.errors import DecodeError, MasksegError
+from maskseg.errors import DecodeError, MasksegError, UsageError
 from maskseg.sources import ImageRef
 
 
@@ -55,3 +56,23 @@ def test_prefetch_keeps_order_and_turns_decode_errors_into_failures():
         steps = list(batched(items, 2))
         assert [([d.ref.rel_path for d in imgs], [f.ref.rel_path for f in fails]) for imgs, fails in steps] == [
             (["0.png", "1.png"], []), (["3.png", "4.png"], ["2.png"]), (["6.png"], ["5.png"])]
+
+
+def test_auto_batch_size_is_one_on_a_cpu_and_fits_a_gpu():
+    gib = 2**30
+    assert auto_batch_size("cpu") == auto_batch_size("cpu", 100 * gib) == 1
+    assert auto_batch_size("cuda", None) == 1
+    assert auto_batch_size("cuda", 2 * gib) == 1  # less than one image's share
+    assert auto_batch_size("cuda", 9 * gib) == 3  # half of the free memory, 1.5 GiB an image
+    assert auto_batch_size("cuda", 139 * gib) == 8  # capped
+
+
+@pytest.mark.parametrize(("text", "value"), [("auto", None), ("AUTO", None), ("1", 1), ("16", 16)])
+def test_batch_size_option(text, value):
+    assert parse_batch_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["0", "-2", "two", "1.5", ""])
+def test_bad_batch_size_is_a_usage_error(text):
+    with pytest.raises(UsageError, match="--batch-size"):
+        parse_batch_size(text)

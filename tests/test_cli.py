@@ -143,8 +143,21 @@ def test_cli_does_not_import_torch_for_help():
     import subprocess
     import sys
 
-    code = "import sys, maskseg.cli; sys.exit(1 if 'torch' in sys.modules else 0)"
-    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+    code = ("import sys, maskseg.cli; heavy = {'torch', 'numpy', 'cv2', 'pycocotools'} & set(sys.modules); "
+            "print(sorted(heavy)); sys.exit(1 if heavy else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout
+
+
+def test_package_names_load_on_first_use():
+    import maskseg
+
+    for name in maskseg.__all__:
+        assert getattr(maskseg, name) is not None
+    assert callable(maskseg.evaluate) and callable(maskseg.train)  # the functions, not the modules
+    assert maskseg.evaluate.__module__ == "maskseg.evaluation" and maskseg.train.__module__ == "maskseg.training"
+    with pytest.raises(AttributeError):
+        maskseg.no_such_name  # noqa: B018
 
 
 @pytest.mark.slow

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from .conftest import run_cli
-from .test_evaluate import ANN, DATA, PERFECT, gt_as_results, load_ann, perturbed, pycocotools_eval, write
+from .test_evaluation import ANN, DATA, PERFECT, gt_as_results, load_ann, perturbed, pycocotools_eval, write
 
 
 @pytest.fixture

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from maskseg.train import read_metrics
 from maskseg.train_data import read_coco
+from maskseg.training import read_metrics
 
 from .conftest import ROOT, run_cli
-from .test_train import FAST_ARCH, tiny_fruits
+from .test_training import FAST_ARCH, tiny_fruits
 
 # The README's held-out segm AP for the bundled model is DEMO_AP; this leaves room for score ties.
 DEMO_MIN_SEGM_AP = 0.5

@@ -68,6 +68,9 @@ BACKENDS = {
 def load_backend(config: ModelConfig) -> Backend:
     """Build the backend ``config.backend`` names, with its weights loaded and ready."""
     name = config.backend
+    if name != "torch" and (config.precision != "fp32" or config.compile):
+        flag = "--compile" if config.compile else f"--precision {config.precision}"
+        raise UsageError(f"{flag} applies to the torch backend only, not --backend {name}")
     if name == "torch":
         from .torch_backend import TorchBackend
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from maskseg.backends import load_backend
 from maskseg.backends.torch_backend import TorchBackend
 from maskseg.config import ModelConfig
 from maskseg.decode import decode_bytes
@@ -41,3 +42,21 @@ def test_mixed_precision_on_cuda_finds_what_fp32_finds(tiny_checkpoint, precisio
     assert amp.masks.dtype == torch.float32 and amp.masks.device.type == "cpu"
     assert abs(len(amp.scores) - len(ref.scores)) <= max(1, len(ref.scores) // 10)
     np.testing.assert_allclose(amp.scores[:5].numpy(), ref.scores[:5].numpy(), atol=0.05)
+
+
+def test_compile_finds_what_the_eager_backbone_finds(tiny_checkpoint):
+    rgb = decode_bytes((SAMPLES / "chelsea.png").read_bytes(), "chelsea.png")
+    config = ModelConfig(weights=str(tiny_checkpoint), device="cpu")
+    [ref] = TorchBackend.load(config).infer([rgb])
+    compiled = TorchBackend.load(replace(config, compile=True))
+    assert any("compiled" in a for a in compiled.loaded.extra["optimizations"])
+    [out] = compiled.infer([rgb])
+    assert len(out.scores) == len(ref.scores) > 0
+    torch.testing.assert_close(out.scores, ref.scores, rtol=0, atol=1e-4)
+    torch.testing.assert_close(out.boxes, ref.boxes, rtol=0, atol=1e-2)
+
+
+@pytest.mark.parametrize("flag", [{"compile": True}, {"precision": "fp16"}])
+def test_torch_only_options_are_refused_for_other_backends(flag):
+    with pytest.raises(UsageError, match="torch backend only"):
+        load_backend(ModelConfig(backend="onnxruntime", weights="model.onnx", **flag))

@@ -1,4 +1,4 @@
-"""maskseg.evaluate against pycocotools' own COCOeval, on the real fruits_nuts dataset (tests/data)."""
+"""maskseg.evaluation against pycocotools' own COCOeval, on the real fruits_nuts dataset (tests/data)."""
 
 from __future__ import annotations
 
@@ -19,9 +19,9 @@ import maskseg.evaluate_inputs as evaluate_inputs
 from maskseg import evaluate
 from maskseg.config import EvalConfig
 from maskseg.errors import UsageError
-from maskseg.evaluate import EVAL_RESULTS_FILE
 from maskseg.evaluate_inputs import EvalInputError
 from maskseg.evaluate_plot import plot_pr_curves
+from maskseg.evaluation import EVAL_RESULTS_FILE
 
 DATA = Path(__file__).parent / "data" / "fruits_nuts"
 ANN = DATA / "trainval.json"
@@ -143,7 +143,7 @@ def test_max_dets_other_than_100(noisy):
 
 
 def test_summary_replica_agrees_with_pycocotools_at_100(noisy):
-    from maskseg.evaluate import _SUMMARY, _summarize
+    from maskseg.evaluation import _SUMMARY, _summarize
 
     ev, _ = pycocotools_eval(ANN, noisy, "segm")
     assert [_summarize(ev, ap, iou, area, m) for _, ap, iou, area, m in _SUMMARY] == ev.stats.tolist()

@@ -18,7 +18,7 @@ from maskseg.errors import UsageError
 from maskseg.models import load_model, read_weights_file, save_checkpoint
 from maskseg.segmenter import Segmenter
 from maskseg.synth import TINY_ARCH
-from maskseg.train import build_for_training, coco_ap, export_int8, read_metrics, resume, set_trainable, train
+from maskseg.training import build_for_training, coco_ap, export_int8, read_metrics, resume, set_trainable, train
 
 ROOT = Path(__file__).resolve().parents[1]
 FRUITS = ROOT / "tests" / "data" / "fruits_nuts"
