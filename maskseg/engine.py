@@ -92,16 +92,20 @@ class LocalEngine:
             stream.close()
 
     def _one_batch_ahead(self, batches: Iterator[tuple[list[DecodedImage], list[Failure]]]) -> Iterator[BatchResult]:
+        """The model thread runs only the network (``Segmenter.infer``) when the segmenter splits its work;
+        mask pasting (``Segmenter.finish``) then runs here, beside the writers, so a GPU never waits on it."""
         model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskseg-model")
+        infer, finish = getattr(self.segmenter, "infer", None), getattr(self.segmenter, "finish", None)
+        network = infer if infer is not None and finish is not None else self.segmenter
         pending: tuple[Future, list[Failure]] | None = None
         try:
             for decoded, failures in batches:
-                job = (model.submit(segment_batch, self.segmenter, decoded), failures)
+                job = (model.submit(segment_batch, network, decoded), failures)
                 if pending is not None:
-                    yield _result(*pending)
+                    yield _result(*pending, finish if network is infer else None)
                 pending = job
             if pending is not None:
-                yield _result(*pending)
+                yield _result(*pending, finish if network is infer else None)
                 pending = None
         finally:
             # Abandoned part-way (interrupted): the batch in flight finishes in its thread and is dropped.
@@ -123,8 +127,10 @@ def _batch_size_for(device: Any) -> int:
     return size
 
 
-def _result(job: Future, failures: list[Failure]) -> BatchResult:
+def _result(job: Future, failures: list[Failure], finish: Any = None) -> BatchResult:
     images, detections, unsegmented = job.result()
+    if finish is not None:  # the model thread gave raw detections: paste them here
+        detections = [finish(raw, image.rgb) for raw, image in zip(detections, images, strict=True)]
     return BatchResult(images, detections, failures + unsegmented)
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .backends import Backend, load_backend
+from .backends import Backend, RawDetections, load_backend
 from .config import ModelConfig
 from .detections import Detections
 from .errors import UsageError
@@ -74,14 +74,18 @@ class Segmenter:
 
     def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
         """Segment a batch of [H, W, 3] uint8 RGB images; one Detections per image, in order."""
-        if not images:
-            return []
-        raws = self.backend.infer(images)
-        return [
-            self._to_category_ids(raw_to_detections(raw, (int(rgb.shape[0]), int(rgb.shape[1])),
-                                                    mask_thresh=self.mask_thresh, keep_labels=self.keep_labels))
-            for raw, rgb in zip(raws, images, strict=True)
-        ]
+        return [self.finish(raw, rgb) for raw, rgb in zip(self.infer(images), images, strict=True)]
+
+    def infer(self, images: Sequence[np.ndarray]) -> list[RawDetections]:
+        """The network's part of ``__call__``: the backend's raw detections (masks not pasted yet)."""
+        return self.backend.infer(images) if len(images) else []
+
+    def finish(self, raw: RawDetections, rgb: np.ndarray) -> Detections:
+        """The CPU's part of ``__call__`` for one image: classes filtered, masks pasted inside their
+        boxes, model labels mapped to category ids."""
+        dets = raw_to_detections(raw, (int(rgb.shape[0]), int(rgb.shape[1])), mask_thresh=self.mask_thresh,
+                                 keep_labels=self.keep_labels)
+        return self._to_category_ids(dets)
 
     def _to_category_ids(self, dets: Detections) -> Detections:
         """Replace model labels by the category ids they stand for (the same for torchvision's COCO)."""

@@ -74,3 +74,39 @@ def test_a_run_abandoned_part_way_closes_cleanly(tmp_path):
     # The next batch was submitted before the first result was handed over: it ran or was cancelled,
     # and nothing after it started.
     assert len(engine.segmenter.threads) in (1, 2)
+
+
+class _SplitRecorder:
+    """A stand-in segmenter whose work splits like Segmenter's: ``infer`` (the network) and ``finish``
+    (the paste, per image); records the thread each part ran in."""
+
+    def __init__(self) -> None:
+        self.infer_threads: list[str] = []
+        self.finish_threads: list[str] = []
+
+    def infer(self, images):
+        self.infer_threads.append(threading.current_thread().name)
+        return [int(rgb.shape[1]) for rgb in images]
+
+    def finish(self, raw, rgb):
+        self.finish_threads.append(threading.current_thread().name)
+        assert raw == rgb.shape[1]  # each raw result meets its own image
+        return raw * 10
+
+    def __call__(self, images):
+        return [self.finish(raw, rgb) for raw, rgb in zip(self.infer(images), images, strict=True)]
+
+
+@pytest.mark.parametrize(("workers", "batch_size"), [(2, 1), (2, 3), (0, 2)])
+def test_masks_are_pasted_beside_the_writers_not_in_the_model_thread(tmp_path, workers, batch_size):
+    widths = [5, 7, 9, 11, 13]
+    refs = _photos(tmp_path / "in", widths)
+    engine = LocalEngine(PredictConfig(decode_workers=workers, batch_size=batch_size))
+    engine.segmenter = _SplitRecorder()
+    steps = list(engine.run(refs))
+    assert [d for s in steps for d in s.detections] == [10 * w for w in widths]
+    caller = threading.current_thread().name
+    model_thread = "maskseg-model" if workers else caller
+    assert engine.segmenter.infer_threads and all(n.startswith(model_thread) for n in engine.segmenter.infer_threads)
+    assert len(engine.segmenter.finish_threads) == len(widths)
+    assert all(n == caller for n in engine.segmenter.finish_threads)
