@@ -277,8 +277,8 @@ def _fmt(v: tuple[float, float, float], unit: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=1, help="images per size (3 sizes)")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds (a b c) x R; medians reported")
+    parser.add_argument("--images", type=int, default=2, help="images per size (3 sizes)")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (a b c) x R; medians reported")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--keep", type=Path, help="keep inputs, weights and outputs in this folder")
     args = parser.parse_args()
