@@ -116,7 +116,7 @@ def predict(
 ) -> None:
     """Segment images into OUT: predictions.json (COCO dataset), results.json (COCO results),
     overlays/, masks/, failures.jsonl. Reruns skip finished images and pick up new ones."""
-    from .console import LogProgress, RichProgress, setup_logging
+    from .console import LogProgress, RichProgress, install_stop_handlers, setup_logging
 
     setup_logging(quiet=quiet, verbose=verbose)
     sources = list(inputs or []) + [f"@{p}" for p in (list_file or [])]
@@ -140,7 +140,7 @@ def predict(
     progress = None if quiet else RichProgress() if sys.stderr.isatty() else LogProgress()
     stop = threading.Event()
     caught: list[int] = []
-    _install_stop_handlers(stop, caught)
+    install_stop_handlers(stop, caught, finishing="the current batch")
     from .api import predict as run_predict
 
     try:
@@ -175,21 +175,6 @@ def _parse_shard(text: str | None) -> tuple[int, int] | None:
     if not 1 <= k <= n:
         raise typer.BadParameter(f"{text!r}: K must be between 1 and N", param_hint="--shard")
     return k, n
-
-
-def _install_stop_handlers(stop: threading.Event, caught: list[int]) -> None:
-    """First SIGINT/SIGTERM: finish the batch in flight, write outputs, exit 130/143. Second: stop now."""
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        caught.append(signum)
-        stop.set()
-        log.warning("signal %d: stopping after the current batch (again to stop at once)", signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
 
 
 @app.command("writers")

@@ -90,12 +90,11 @@ def eval_command(
     progress = stop = None
     caught: list[int] = []
     if images is not None:
-        from .cli import _install_stop_handlers
-        from .console import LogProgress, RichProgress
+        from .console import LogProgress, RichProgress, install_stop_handlers
 
         progress = None if quiet else RichProgress() if sys.stderr.isatty() else LogProgress()
         stop = threading.Event()
-        _install_stop_handlers(stop, caught)
+        install_stop_handlers(stop, caught, finishing="the current batch")
     try:
         report = evaluate(coco, results, images=images, out=out if images is not None else None, config=config,
                           progress=progress, stop=stop)

@@ -120,14 +120,14 @@ def train_command(
     """Train a Mask R-CNN on COCO-format data into RUN: best.pt and last.pt (use with `maskseg predict
     --weights RUN/best.pt`), metrics.jsonl, training.png. Multi-GPU: `torchrun --nproc_per_node N -m
     maskseg train ...` with the same options."""
-    from .console import setup_logging
+    from .console import install_stop_handlers, setup_logging
 
     quiet = quiet or os.environ.get("RANK", "0") != "0"  # under torchrun only rank 0 reports
     setup_logging(quiet=quiet, verbose=verbose)
     progress = None if quiet else RichTrainProgress() if sys.stderr.isatty() else LogTrainProgress()
     stop = threading.Event()
     caught: list[int] = []
-    _install_stop_handlers(stop, caught)
+    install_stop_handlers(stop, caught, finishing="this step and writing last.pt")
     from .training import resume as resume_run
     from .training import train
 
@@ -165,21 +165,6 @@ def train_command(
         log.info("done: %d steps, %d epochs in %.0f s%s -> %s (predict with: maskseg predict IMAGES -o OUT "
                  "--weights %s)", summary.steps, summary.epochs, summary.seconds, scores, summary.run_dir,
                  summary.best)
-
-
-def _install_stop_handlers(stop: threading.Event, caught: list[int]) -> None:
-    """First SIGINT/SIGTERM: finish the step in flight, write last.pt, exit 130/143. Second: stop now."""
-
-    def handler(signum: int, frame: object) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        caught.append(signum)
-        stop.set()
-        log.warning("signal %d: stopping after this step and writing last.pt (again to stop at once)", signum)
-
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, handler)
-        signal.signal(signal.SIGTERM, handler)
 
 
 # torchvision's loss names, shortened for the live display.

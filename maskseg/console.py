@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -24,6 +26,22 @@ def setup_logging(*, quiet: bool, verbose: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
     logging.getLogger("maskseg").setLevel(level)
+
+
+def install_stop_handlers(stop: threading.Event, caught: list[int], *, finishing: str) -> None:
+    """First SIGINT/SIGTERM: set ``stop`` (the work finishes ``finishing`` and writes what it has, exit
+    130/143) and record the signal in ``caught``; a second one raises KeyboardInterrupt: stop now."""
+
+    def handler(signum: int, frame: object) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        caught.append(signum)
+        stop.set()
+        log.warning("signal %d: stopping after %s (again to stop at once)", signum, finishing)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
 
 
 class RichProgress:

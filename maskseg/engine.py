@@ -95,17 +95,17 @@ class LocalEngine:
         """The model thread runs only the network (``Segmenter.infer``) when the segmenter splits its work;
         mask pasting (``Segmenter.finish``) then runs here, beside the writers, so a GPU never waits on it."""
         model = ThreadPoolExecutor(max_workers=1, thread_name_prefix="maskseg-model")
-        infer, finish = getattr(self.segmenter, "infer", None), getattr(self.segmenter, "finish", None)
-        network = infer if infer is not None and finish is not None else self.segmenter
+        finish = getattr(self.segmenter, "finish", None)
+        network = self.segmenter.infer if finish is not None else self.segmenter
         pending: tuple[Future, list[Failure]] | None = None
         try:
             for decoded, failures in batches:
                 job = (model.submit(segment_batch, network, decoded), failures)
                 if pending is not None:
-                    yield _result(*pending, finish if network is infer else None)
+                    yield _result(*pending, finish)
                 pending = job
             if pending is not None:
-                yield _result(*pending, finish if network is infer else None)
+                yield _result(*pending, finish)
                 pending = None
         finally:
             # Abandoned part-way (interrupted): the batch in flight finishes in its thread and is dropped.

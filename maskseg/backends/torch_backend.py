@@ -3,6 +3,7 @@ before ``transform.postprocess`` so masks can be pasted box-locally instead of a
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -29,6 +30,10 @@ class TorchBackend:
         self.name = loaded.name
         self.categories = loaded.categories
         self.device = loaded.device
+        from ..roi_pools import pools_read_channels_last
+
+        # torchvision's RoIAlign reads NCHW: channels_last pyramids are converted once per image for it.
+        self._pools_need_nchw = loaded.channels_last and not pools_read_channels_last(loaded.module.roi_heads)
 
     @classmethod
     def load(cls, config: ModelConfig) -> TorchBackend:
@@ -100,7 +105,7 @@ class TorchBackend:
         from torchvision.models.detection.transform import resize_boxes
 
         from ..optimize import roi_heads_inference
-        from ..roi_pools import pools_read_channels_last, to_nchw
+        from ..roi_pools import to_nchw
 
         if not images:
             return []
@@ -114,8 +119,7 @@ class TorchBackend:
                 batch.tensors = batch.tensors.contiguous(memory_format=torch.channels_last)
             features = self._backbone(net.backbone, batch.tensors)
             proposals, _ = net.rpn(batch, features)
-            if self.loaded.channels_last and not pools_read_channels_last(net.roi_heads):
-                # torchvision's RoIAlign reads NCHW: each level converted once, for both heads
+            if self._pools_need_nchw:  # each level converted once, for both heads
                 features = {k: to_nchw(v) for k, v in features.items()}
             image_sizes = batch.image_sizes
             del batch
@@ -137,8 +141,6 @@ class TorchBackend:
 
     def _autocast(self) -> Any:
         """Mixed precision on CUDA when asked for (``--precision fp16|bf16``); nothing otherwise."""
-        import contextlib
-
         import torch
 
         if self.precision == "fp32" or self.device.type != "cuda":
