@@ -23,7 +23,7 @@ from .config import PredictConfig
 from .decode import DecodedImage
 from .engine import ModelInfo, make_engine
 from .errors import OutputError, UsageError
-from .journal import JOURNAL_NAME, Journal, OutputLock, _output_error
+from .journal import JOURNAL_NAME, Journal, OutputLock, output_error
 from .jsonio import dumps as json_dumps
 from .shard import shard_scan
 from .sources import ImageRef, SourceScan, scan_sources
@@ -103,7 +103,7 @@ def predict(
     try:
         _locked_run(inputs, out, config, summary, progress, stop, stdin)
     except OSError as exc:  # anything not turned into a message closer to where it happened
-        raise _output_error(Path(exc.filename) if exc.filename else out, exc) from None
+        raise output_error(Path(exc.filename) if exc.filename else out, exc) from None
     summary.seconds = round(time.monotonic() - started, 3)
     return summary
 
@@ -166,7 +166,7 @@ def _run(
     if todo:
         run_file = _record_run(out, run_file, engine.start())
     context = RunContext(out, journal, _categories_of(run_file), run_file.get("model_name", config.model.name))
-    context.changed = journal.appended > 0 or bool(journal._pending) or summary.failed > 0
+    context.changed = journal.appended > 0 or journal.has_pending or summary.failed > 0
     for w in writers:
         w.open(context)
 
@@ -218,7 +218,7 @@ def _finish_image(
                 _record_failure(journal, Failure(ref, f"cannot write its output {shown}: {exc.strerror}",
                                                  decoded.size, decoded.mtime_ns), summary, progress)
                 return False
-            raise _output_error(where, exc) from None
+            raise output_error(where, exc) from None
     journal.add({
         "kind": "done", "image_id": image_id, "rel_path": ref.rel_path, "path": ref.path,
         "size": decoded.size, "mtime_ns": decoded.mtime_ns, "width": decoded.width, "height": decoded.height,
@@ -257,7 +257,7 @@ def _checkpoint(writers: list, journal: Journal, out: Path, context: RunContext,
                      for r in journal.failure_records()]
             atomic_write_bytes(failures, "".join(lines).encode("utf-8"))
     except OSError as exc:
-        raise _output_error(out, exc) from None
+        raise output_error(out, exc) from None
 
 
 def _prepare_out_dir(out: Path) -> Path:
@@ -328,6 +328,6 @@ def _record_run(out: Path, run_file: dict, model: ModelInfo) -> dict:
 
 
 def _categories_of(run_file: dict) -> list:
-    from .models import Category
+    from .detections import Category
 
     return [Category(c["label"], c["id"], c["name"]) for c in run_file.get("categories", [])]

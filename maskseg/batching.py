@@ -13,8 +13,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from .decode import DecodedImage, UndecodableError
-from .errors import DecodeError, MasksegError
+from .decode import DecodedImage
+from .errors import DecodeError, MasksegError, UndecodableError
 from .sources import ImageRef
 
 log = logging.getLogger(__name__)
@@ -44,14 +44,14 @@ def prefetch(
     """
     if workers <= 0:
         for ref in refs:
-            yield _attempt(decode, ref)
+            yield decode_or_failure(decode, ref)
         return
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="maskseg-decode") as pool:
         pending: deque[Future[DecodedImage | Failure]] = deque()
         it = iter(refs)
         try:
             for ref in it:
-                pending.append(pool.submit(_attempt, decode, ref))
+                pending.append(pool.submit(decode_or_failure, decode, ref))
                 if len(pending) >= max(depth, 1):
                     yield pending.popleft().result()
             while pending:
@@ -61,7 +61,7 @@ def prefetch(
                 fut.cancel()
 
 
-def _attempt(decode: Callable[[ImageRef], DecodedImage], ref: ImageRef) -> DecodedImage | Failure:
+def decode_or_failure(decode: Callable[[ImageRef], DecodedImage], ref: ImageRef) -> DecodedImage | Failure:
     try:
         return decode(ref)
     except UndecodableError as exc:

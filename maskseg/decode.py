@@ -15,19 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES
-from .errors import DecodeError
+from .errors import DecodeError, UndecodableError
 from .sources import ImageRef
-
-
-class UndecodableError(DecodeError):
-    """Bytes read whole and unchanged that are no usable image. ``size``/``mtime_ns`` describe those
-    bytes, so the failure is recorded against what was read (a file rewritten since the scan is not
-    retried once more for nothing)."""
-
-    def __init__(self, path: str, reason: str, size: int, mtime_ns: int) -> None:
-        super().__init__(path, reason)
-        self.size = size
-        self.mtime_ns = mtime_ns
 
 
 @dataclass(frozen=True)

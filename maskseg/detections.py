@@ -9,6 +9,16 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class Category:
+    """One class the model predicts: ``label`` is the model's output index, ``id`` the category id
+    written to outputs (equal to ``label`` for torchvision's COCO weights), ``name`` its name."""
+
+    label: int
+    id: int
+    name: str
+
+
+@dataclass(frozen=True)
 class BoxMask:
     """A binary mask stored only over the pixels it can cover.
 

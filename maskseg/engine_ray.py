@@ -25,7 +25,7 @@ import numpy as np
 
 from . import errors
 from .batching import Failure, segment_batch
-from .batching import _attempt as attempt_decode  # the local engine's per-image decode: the same failures
+from .batching import decode_or_failure as attempt_decode  # the local engine's per-image decode: the same failures
 from .config import ModelConfig, PredictConfig
 from .decode import DecodedImage, decode_image
 from .engine import BatchResult, ModelInfo

@@ -32,6 +32,25 @@ class DecodeError(MasksegError):
         super().__init__(f"{self.path}: {reason}")
 
 
+class UndecodableError(DecodeError):
+    """Bytes read whole and unchanged that are no usable image. ``size``/``mtime_ns`` describe those
+    bytes, so the failure is recorded against what was read (a file rewritten since the scan is not
+    retried once more for nothing)."""
+
+    def __init__(self, path: str, reason: str, size: int, mtime_ns: int) -> None:
+        super().__init__(path, reason)
+        self.size = size
+        self.mtime_ns = mtime_ns
+
+
+class LabelMapError(UsageError):
+    """A label map file that cannot be read or is not a valid ``StringIntLabelMap`` (exit 2)."""
+
+
+class EvalInputError(MasksegError):
+    """An annotation or results file that cannot be evaluated as it is (exit 1)."""
+
+
 class WeightsError(MasksegError):
     """Model weights that are missing, unsafe or do not fit the architecture."""
 

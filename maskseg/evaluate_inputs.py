@@ -18,16 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import MAX_JSON_BYTES
-from .errors import MasksegError, SourceError, UsageError
+from .errors import EvalInputError, SourceError, UsageError
 from .jsonio import read_json_limited
 
 log = logging.getLogger(__name__)
 
 _EXAMPLES = 3
-
-
-class EvalInputError(MasksegError):
-    """An annotation or results file that cannot be evaluated as it is (exit 1)."""
 
 
 def read_json(path: Path, what: str) -> Any:

@@ -512,7 +512,7 @@ class _Run:
 
         seg = self.seg
         dets = to_detections(raw, resized, original, mask_thresh=seg.mask_thresh, keep_labels=seg.keep_labels)
-        dets = seg._to_category_ids(dets)
+        dets = seg.to_category_ids(dets)
         self.detections = dets
         k = len(dets)
         rows = [TensorStat.of("boxes", dets.boxes, "original-image pixels (resize_boxes)"),

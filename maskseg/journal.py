@@ -120,6 +120,11 @@ class Journal:
         self._index(record, self._size + sum(len(p) for p in self._pending))
         self._pending.append(line)
 
+    @property
+    def has_pending(self) -> bool:
+        """Whether records are queued that ``flush`` has not yet made durable."""
+        return bool(self._pending)
+
     def flush(self) -> None:
         """Write queued records and fsync: after this, they survive a kill or power loss."""
         if not self._pending or self._fd is None:
@@ -138,7 +143,7 @@ class Journal:
                 os.ftruncate(self._fd, self._size)
             except OSError:
                 log.warning("%s: could not cut off a partly written batch; the next run drops it", self.path)
-            raise _output_error(self.path, exc) from None
+            raise output_error(self.path, exc) from None
         self._size += len(data)
         self.appended += len(self._pending)
         self._pending.clear()
@@ -180,7 +185,7 @@ class Journal:
         return done, len(self.entries) - done
 
 
-def _output_error(path: Path, exc: OSError) -> OutputError:
+def output_error(path: Path, exc: OSError) -> OutputError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         what = "disk full" if exc.errno == errno.ENOSPC else "disk quota exceeded"
         return OutputError(f"{path}: {what}; outputs written so far are intact, rerun when space is freed")

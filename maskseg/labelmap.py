@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import UsageError
+from .errors import LabelMapError
 
 MAX_LABEL_MAP_BYTES = 64 * 1024 * 1024
 
@@ -34,10 +34,6 @@ _ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "a": "\a", "b": "\b", "f": "\f", "v
             "\\": "\\", "'": "'", '"': '"', "?": "?"}
 _ESCAPE = re.compile(r"\\(?:([0-7]{1,3})|x([0-9A-Fa-f]{1,2})|(.))", re.DOTALL)
 _CLOSE = {"{": "}", "<": ">"}
-
-
-class LabelMapError(UsageError):
-    """A label map file that cannot be read or is not a valid ``StringIntLabelMap`` (exit 2)."""
 
 
 @dataclass(frozen=True)

@@ -15,21 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from .config import ModelConfig
+from .detections import Category
 from .errors import UsageError, WeightsError
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "maskseg.checkpoint"
-
-
-@dataclass(frozen=True)
-class Category:
-    """One class the model predicts: ``label`` is the model's output index, ``id`` the category id
-    written to outputs (equal to ``label`` for torchvision's COCO weights), ``name`` its name."""
-
-    label: int
-    id: int
-    name: str
 
 
 @dataclass(frozen=True)
@@ -212,7 +203,7 @@ def read_weights_file(path: str | Path) -> dict:
     return obj
 
 
-def _state_dict_of(obj: dict, path: str) -> dict:
+def state_dict_of(obj: dict, path: str) -> dict:
     import torch
 
     if obj.get("format") == CHECKPOINT_FORMAT:
@@ -238,14 +229,14 @@ def _dequantized(obj: dict) -> dict:
     return {k: v.to(torch.float32) if v.is_floating_point() else v for k, v in state.items()}
 
 
-def _num_classes(state: dict, path: str) -> int:
+def num_classes_in(state: dict, path: str) -> int:
     key = "roi_heads.box_predictor.cls_score.weight"
     if key not in state:
         raise WeightsError(f"{path}: not a Mask R-CNN state dict (no {key})")
     return int(state[key].shape[0])
 
 
-def _default_weights_file(spec: ModelSpec) -> tuple[dict, str]:
+def default_weights_file(spec: ModelSpec) -> tuple[dict, str]:
     """torchvision's COCO weights: the torch hub cache if present, else downloaded into it."""
     import torch
 
@@ -278,7 +269,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     checkpoint: dict = {}
     if config.weights:
         obj = read_weights_file(config.weights)
-        state = _state_dict_of(obj, config.weights)
+        state = state_dict_of(obj, config.weights)
         source = config.weights
         if obj.get("format") == CHECKPOINT_FORMAT:
             checkpoint = obj
@@ -286,16 +277,16 @@ def load_model(config: ModelConfig) -> LoadedModel:
         spec = _spec(config.name)
         if spec.name == DEMO_MODEL:
             checkpoint = read_weights_file(DEMO_WEIGHTS)
-            state, source = _state_dict_of(checkpoint, str(DEMO_WEIGHTS)), f"{DEMO_WEIGHTS} (bundled demo)"
+            state, source = state_dict_of(checkpoint, str(DEMO_WEIGHTS)), f"{DEMO_WEIGHTS} (bundled demo)"
         elif spec.default_weights is None:
             raise WeightsError(f"model {config.name} has no published weights; pass --weights FILE")
         else:
-            state, source = _default_weights_file(spec)
+            state, source = default_weights_file(spec)
 
     name = checkpoint.get("arch", {}).get("name", config.name) if checkpoint else config.name
     spec = _spec(name)
     arch_kwargs = dict(checkpoint.get("arch", {}).get("kwargs", {})) if checkpoint else {}
-    num_classes = _num_classes(state, source)
+    num_classes = num_classes_in(state, source)
     build_kwargs: dict[str, Any] = {
         "box_score_thresh": config.score_thresh,
         "box_detections_per_img": config.max_dets,

@@ -85,9 +85,9 @@ class Segmenter:
         boxes, model labels mapped to category ids."""
         dets = raw_to_detections(raw, (int(rgb.shape[0]), int(rgb.shape[1])), mask_thresh=self.mask_thresh,
                                  keep_labels=self.keep_labels)
-        return self._to_category_ids(dets)
+        return self.to_category_ids(dets)
 
-    def _to_category_ids(self, dets: Detections) -> Detections:
+    def to_category_ids(self, dets: Detections) -> Detections:
         """Replace model labels by the category ids they stand for (the same for torchvision's COCO)."""
         if not len(dets) or all(label == cid for label, cid in self._ids.items()):
             return dets

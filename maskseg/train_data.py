@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .detections import Category
 from .errors import SourceError
-from .models import Category
 
 log = logging.getLogger(__name__)
 

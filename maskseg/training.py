@@ -440,7 +440,7 @@ def build_for_training(name: str, weights: str | None, num_classes: int, arch_kw
     included). ``weights``: None (from scratch), ``"torchvision"`` (the model's COCO weights) or a file.
     Predictors are replaced when the weights' class count differs; torchvision's ResNet-50 models get
     FrozenBatchNorm2d when starting from weights (batch statistics of 2 images would ruin them)."""
-    from .models import _default_weights_file, _num_classes, _state_dict_of, read_weights_file
+    from .models import default_weights_file, num_classes_in, read_weights_file, state_dict_of
 
     if weights is None:
         module = MODELS[name].build(num_classes, **arch_kwargs, **size_kwargs)
@@ -449,17 +449,17 @@ def build_for_training(name: str, weights: str | None, num_classes: int, arch_kw
         spec = MODELS[name]
         if spec.default_weights is None:
             raise WeightsError(f"model {name} has no published weights; train it from scratch or pass a file")
-        state, source = _default_weights_file(spec)
+        state, source = default_weights_file(spec)
     else:
         obj = read_weights_file(weights)
-        state, source = _state_dict_of(obj, weights), weights
+        state, source = state_dict_of(obj, weights), weights
         if obj.get("format") == CHECKPOINT_FORMAT:
             name = obj["arch"]["name"]
             arch_kwargs = dict(obj["arch"]["kwargs"])
             for key in ("min_size", "max_size"):
                 if obj.get(key) and key not in size_kwargs:
                     size_kwargs = {**size_kwargs, key: obj[key]}
-    have = _num_classes(state, source)
+    have = num_classes_in(state, source)
     module = MODELS[name].build(have, **arch_kwargs, **size_kwargs)
     try:
         module.load_state_dict(state, strict=True)

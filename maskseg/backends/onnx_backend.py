@@ -23,8 +23,8 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
+from ..detections import Category
 from ..errors import UsageError, WeightsError
-from ..models import Category
 from . import MaskLayout, RawDetections
 
 log = logging.getLogger(__name__)

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from ..config import ModelConfig
+from ..detections import Category
 from ..errors import UsageError, WeightsError
 from ..labelmap import LabelMapItem, read_label_map
-from ..models import Category
 from . import RawDetections
 
 log = logging.getLogger(__name__)
