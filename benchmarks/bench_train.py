@@ -57,7 +57,7 @@ def run_reference(args: argparse.Namespace, work: Path) -> dict:
     import torch
 
     from maskseg.models import MODELS
-    from maskseg.train_data import CocoDetection, collate, read_coco
+    from maskseg.training.data import CocoDetection, collate, read_coco
 
     cfg = _config(args)
     started = time.monotonic()

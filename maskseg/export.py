@@ -51,9 +51,9 @@ MATCH_IOU = 0.5
 # IoU 0.967, and pasting rounds a sub-pixel box to whole pixels, so a 1e-4 px edge difference moves a column.
 MASK_MIN_PIXELS = 100
 MASK_MIN_SIDE_PX = 2.0
-# Photos of the source checkout; the check uses this one when no check image is given.
-SAMPLE_PHOTOS = Path(__file__).resolve().parents[1] / "sample_images"
-DEFAULT_CHECK_PHOTO = "astronaut.png"
+# The photo the check uses when no check image is given: shipped in the package (sample_images/astronaut.png,
+# Eileen Collins; NASA, public domain, from scikit-image), so an installed maskseg needs no source checkout.
+DEFAULT_CHECK_PHOTO = Path(__file__).resolve().parent / "data" / "check_astronaut.png"
 
 
 @dataclass(frozen=True)
@@ -321,7 +321,7 @@ def _check_photos(config: ExportConfig) -> list[tuple[str, np.ndarray]]:
     from .decode import decode_bytes
     from .errors import DecodeError
 
-    paths = [Path(p) for p in config.check_images] or [SAMPLE_PHOTOS / DEFAULT_CHECK_PHOTO]
+    paths = [Path(p) for p in config.check_images] or [DEFAULT_CHECK_PHOTO]
     if not config.check_images and not paths[0].is_file():
         raise UsageError("no photo to check the export on: pass --check-image PHOTO (a real photo), or --no-check")
     out = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -60,3 +61,13 @@ def read_json_limited(path: str | os.PathLike[str], max_bytes: int = MAX_JSON_BY
         raise SourceError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise SourceError(f"{path}: JSON nested too deeply") from None
+
+
+def is_json_int(v: Any) -> bool:
+    """An integer as JSON means it (``True``/``False`` are not)."""
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_json_number(v: Any) -> bool:
+    """A finite number as JSON means it (no booleans, NaN or infinities)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

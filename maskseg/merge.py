@@ -20,10 +20,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .api import FAILURES_FILE, RUN_FILE, _categories_of, _checkpoint, _clear_outputs, _prepare_out_dir
-from .atomic import TEMP_MARK, atomic_write_bytes, stale_temp_files
+from .atomic import TEMP_MARK, stale_temp_files
 from .errors import OutputError, UsageError
 from .journal import JOURNAL_NAME, Journal, OutputLock
+from .outdir import (
+    FAILURES_FILE,
+    RUN_FILE,
+    categories_of,
+    checkpoint,
+    clear_outputs,
+    prepare_out_dir,
+    write_run_file,
+)
 from .writers import RunContext, load_writers
 
 log = logging.getLogger(__name__)
@@ -70,7 +78,7 @@ def merge_outputs(inputs: Sequence[str | Path], out_dir: str | Path, *, overwrit
     Each input's lock is taken too, so a shard still running is never merged half-done (exit 75).
     """
     sources = _check_paths([Path(p) for p in inputs], Path(out_dir))
-    out = _prepare_out_dir(Path(out_dir))
+    out = prepare_out_dir(Path(out_dir))
     summary = MergeSummary(out_dir=str(out), inputs=len(sources))
     with contextlib.ExitStack() as stack:
         for folder in (out, *sources):
@@ -78,13 +86,13 @@ def merge_outputs(inputs: Sequence[str | Path], out_dir: str | Path, *, overwrit
         run_file = _merged_run_file(sources)
         index = _index_inputs(sources)
         if overwrite:
-            _clear_outputs(out)
+            clear_outputs(out)
         for tmp in stale_temp_files(out):
             tmp.unlink(missing_ok=True)
         before = _read_run(out)
         _check_out_run_file(out, before, run_file)
         if run_file is not None and run_file != before:  # first, as predict does: no journal without settings
-            atomic_write_bytes(out / RUN_FILE, (json.dumps(run_file, indent=1) + "\n").encode())
+            write_run_file(out, run_file)
         journal = Journal(out)
         try:
             summary.added = _merge_journals(sources, index, journal)
@@ -301,8 +309,8 @@ def _rebuild(out: Path, journal: Journal, run_file: dict) -> None:
         log.warning("writer %s: its outputs are not merged (merge rebuilds coco and results, and carries "
                     "overlay and masks files)", other)
     writers = load_writers([w for w in JOURNAL_WRITERS if w in named])
-    context = RunContext(out, journal, _categories_of(run_file), run_file.get("model_name") or "")
+    context = RunContext(out, journal, categories_of(run_file), run_file.get("model_name") or "")
     context.changed = journal.appended > 0 or not (out / FAILURES_FILE).exists()
     for w in writers:
         w.open(context)
-    _checkpoint(writers, journal, out, context, final=True)
+    checkpoint(writers, journal, out, context, final=True)

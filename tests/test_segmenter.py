@@ -1,6 +1,6 @@
 """Parity: maskseg's Segmenter gives what torchvision's own ``model(images)`` gives, masks included.
 
-The Segmenter runs the module after ``maskseg.optimize``'s rewrites (BN folded, fused convs, threaded
+The Segmenter runs the module after ``torch_backend.optimize``'s rewrites (BN folded, fused convs, threaded
 RoIAlign); the reference is the plain torchvision module with the same weights (``load_model``), so
 the tolerances cover float rounding of the rewrites too."""
 

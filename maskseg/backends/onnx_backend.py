@@ -25,7 +25,7 @@ import numpy as np
 from ..config import ModelConfig
 from ..detections import Category
 from ..errors import UsageError, WeightsError
-from . import MaskLayout, RawDetections
+from .base import MaskLayout, RawDetections
 
 log = logging.getLogger(__name__)
 

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..detections import Category
 from ..errors import UsageError, WeightsError
 from ..labelmap import LabelMapItem, read_label_map
-from . import RawDetections
+from .base import RawDetections
 
 log = logging.getLogger(__name__)
 
@@ -222,8 +222,8 @@ def _class_count(outputs: Mapping[str, Any]) -> int | None:
     return None
 
 
-def _categories(items: list[LabelMapItem] | None, labels_file: str | None, model_dir: Path,
-                scored: int | None) -> list[Category]:
+def tf_categories(items: list[LabelMapItem] | None, labels_file: str | None, model_dir: Path,
+                  scored: int | None) -> list[Category]:
     """Categories from the label map's items (label = id = the item's id), else ``class_<id>`` for
     ids 1..N with N from the signature (``scored``) or pipeline.config."""
     if items:
@@ -290,7 +290,7 @@ class TensorFlowBackend:
             log.warning("%s: the signature has no detection_masks output; results will carry boxes only", model_dir)
         image_input = _image_input(signature, model_dir)
         scored = _class_count(outputs)
-        categories = _categories(items, config.labels, model_dir, scored)
+        categories = tf_categories(items, config.labels, model_dir, scored)
         backend = cls(tf, loaded, model_dir, image_input, categories, device, scored, config)
         log.info("SavedModel %s: input %s %s%s, %d classes, on %s", model_dir, image_input.name, image_input.dtype,
                  f" {image_input.size[0]}x{image_input.size[1]}" if image_input.size else "",

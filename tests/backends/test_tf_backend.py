@@ -18,7 +18,7 @@ import pytest
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from maskseg.backends.tf_backend import _categories, find_saved_model, pipeline_num_classes, to_raw_detections
+from maskseg.backends.tf_backend import find_saved_model, pipeline_num_classes, tf_categories, to_raw_detections
 from maskseg.errors import UsageError, WeightsError
 from maskseg.labelmap import parse_label_map
 
@@ -316,8 +316,8 @@ def test_saved_model_folder_and_pipeline_config(tmp_path):
 
 def test_categories_from_label_map_count_or_neither(tmp_path):
     items = parse_label_map(LABEL_MAP)
-    assert [(c.label, c.id, c.name) for c in _categories(items, "l.pbtxt", tmp_path, 8)] == [
+    assert [(c.label, c.id, c.name) for c in tf_categories(items, "l.pbtxt", tmp_path, 8)] == [
         (1, 1, "date"), (3, 3, "fig"), (7, 7, "hazelnut")]
-    assert [c.name for c in _categories(None, None, tmp_path, 3)] == ["class_1", "class_2", "class_3"]
+    assert [c.name for c in tf_categories(None, None, tmp_path, 3)] == ["class_1", "class_2", "class_3"]
     with pytest.raises(UsageError, match=r"pass --labels label_map\.pbtxt"):
-        _categories(None, None, tmp_path / "saved_model", None)
+        tf_categories(None, None, tmp_path / "saved_model", None)

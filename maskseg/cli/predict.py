@@ -1,0 +1,181 @@
+"""`maskseg predict`: options -> PredictConfig -> one call of maskseg.api.predict."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .. import config as cfg
+from .options import (
+    INPUTS,
+    MODEL,
+    OUTPUTS,
+    RUN,
+    THRESHOLDS,
+    BatchSize,
+    Device,
+    MaskThresh,
+    MaxDets,
+    MaxPixels,
+    MaxSize,
+    MinSize,
+    Model,
+    Overwrite,
+    Quiet,
+    ScoreThresh,
+    Verbose,
+    Weights,
+    comma_list,
+    model_config,
+)
+
+log = logging.getLogger("maskseg")
+
+_D = cfg.PredictConfig()
+_M = cfg.ModelConfig()
+_E = cfg.EngineConfig()
+
+
+def predict_command(
+    inputs: Annotated[Optional[list[str]], typer.Argument(  # noqa: UP045 - Typer needs Optional here
+        help="Folders (recursive), image files, quoted globs ('shots/**/*.jpg'), @LIST files or - (paths on stdin).",
+        metavar="INPUTS", show_default=False)] = None,
+    list_file: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
+        "--list", metavar="FILE", rich_help_panel=INPUTS,
+        help="A file listing image paths, one a line, relative to the list file. Repeatable.")] = None,
+    recursive: Annotated[bool, typer.Option(
+        metavar="", rich_help_panel=INPUTS, help="Descend into sub-folders of folder inputs.")] = _D.recursive,
+    shard: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="K/N", rich_help_panel=INPUTS,
+        help="Take only shard K of N (1-based) of the inputs, split by a hash of each relative path, for job "
+             "arrays; combine shard outputs with `maskseg merge`.")] = None,
+    max_pixels: MaxPixels = _D.max_pixels,
+    model: Model = _M.name,
+    weights: Weights = None,
+    backend: Annotated[str, typer.Option(
+        metavar="NAME", rich_help_panel=MODEL,
+        help="What runs the network: torch (torchvision), onnxruntime (a model from `maskseg export`) or "
+             "tensorflow (a TF Object Detection API SavedModel).")] = _M.backend,
+    labels: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        metavar="FILE", rich_help_panel=MODEL,
+        help="Class names for --backend tensorflow: a TF label map (.pbtxt).")] = None,
+    min_size: MinSize = None,
+    max_size: MaxSize = None,
+    score_thresh: ScoreThresh = _M.score_thresh,
+    mask_thresh: MaskThresh = _D.mask_thresh,
+    max_dets: MaxDets = _M.max_dets,
+    classes: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="NAMES", rich_help_panel=THRESHOLDS,
+        help="Keep only these class names, comma-separated (e.g. 'person,dog').")] = None,
+    out: Annotated[Path, typer.Option(
+        "-o", "--out", metavar="DIR", rich_help_panel=OUTPUTS,
+        help="Output folder (created; reruns resume in it).")] = Path("out"),
+    writers: Annotated[str, typer.Option(
+        metavar="NAMES", rich_help_panel=OUTPUTS,
+        help="Writers to run, comma-separated (see `maskseg writers`).")] = ",".join(_D.writers),
+    overwrite: Overwrite = _D.overwrite,
+    device: Device = _M.device,
+    precision: Annotated[str, typer.Option(
+        metavar="NAME", rich_help_panel=RUN,
+        help="fp32, or fp16/bf16: mixed precision on a CUDA GPU (faster there; outputs differ slightly). The CPU "
+             "runs fp32.")] = _M.precision,
+    compile_backbone: Annotated[bool, typer.Option(
+        "--compile", metavar="", rich_help_panel=RUN,
+        help="torch.compile the backbone, for long runs on a GPU: each new input size compiles once (seconds to "
+             "minutes). On a CPU maskseg's own rewrites already do what it does (measured: no gain).")] = False,
+    threads: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=1, metavar="N", rich_help_panel=RUN,
+        help="Threads the backend may use for the network (default: the runtime's own choice).")] = None,
+    batch_size: BatchSize = "auto",
+    workers: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        min=0, metavar="N", rich_help_panel=RUN, show_default=False,
+        help=f"Decoding threads ahead of the model (0: decode inline) \\[default: {_D.decode_workers}]; with "
+             f"--engine ray, model workers \\[default: {_E.workers}].")] = None,
+    engine: Annotated[str, typer.Option(
+        metavar="NAME", rich_help_panel=RUN,
+        help="local (this process) or ray (a Ray cluster, pip install 'maskseg\\[ray]').")] = _E.name,
+    ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="ADDRESS", rich_help_panel=RUN,
+        help="--engine ray: the cluster to join (auto, or HEAD:6379), run from one of its nodes; default: start "
+             "a local Ray.")] = None,
+    gpus_per_worker: Annotated[float, typer.Option(
+        min=0.0, metavar="X", rich_help_panel=RUN, help="--engine ray: GPUs per model worker.")
+    ] = _E.gpus_per_worker,
+    threads_per_worker: Annotated[int, typer.Option(
+        min=1, metavar="N", rich_help_panel=RUN, help="--engine ray: torch threads per model worker.")
+    ] = _E.threads_per_worker,
+    checkpoint_every: Annotated[float, typer.Option(
+        min=0.0, metavar="SEC", rich_help_panel=RUN,
+        help="Refresh predictions.json, results.json and failures.jsonl every this many seconds during a run "
+             "(0: after every batch); they are always written at the end.")] = _D.checkpoint_seconds,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Segment images into OUT; reruns skip finished images and pick up new ones.
+
+    OUT gets predictions.json (COCO dataset), results.json (COCO results), overlays/, masks/ and failures.jsonl.
+    """
+    from .progress import install_stop_handlers, run_progress, setup_logging
+
+    setup_logging(quiet=quiet, verbose=verbose)
+    sources = list(inputs or []) + [f"@{p}" for p in (list_file or [])]
+    if not sources:
+        raise typer.BadParameter("give at least one INPUT (folder, file, glob, @list or -)", param_hint="INPUTS")
+    engine_config = replace(_E, name=engine, address=ray_address, gpus_per_worker=gpus_per_worker,
+                            threads_per_worker=threads_per_worker,
+                            workers=workers if workers is not None and engine == "ray" else _E.workers)
+    config = cfg.PredictConfig(
+        model=model_config(model, weights, device=device, score_thresh=score_thresh, max_dets=max_dets,
+                           min_size=min_size, max_size=max_size, backend=backend,
+                           labels=str(labels) if labels else None, threads=threads, precision=precision,
+                           compile=compile_backbone),
+        engine=engine_config, shard=_parse_shard(shard),
+        batch_size=cfg.parse_batch_size(batch_size), mask_thresh=mask_thresh,
+        classes=comma_list(classes), writers=comma_list(writers),
+        decode_workers=workers if workers is not None and engine != "ray" else _D.decode_workers,
+        max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
+    )
+    progress = run_progress(quiet)
+    stop = threading.Event()
+    caught: list[int] = []
+    install_stop_handlers(stop, caught, finishing="the current batch")
+    from ..api import predict
+
+    try:
+        summary = predict(sources, out, config, progress=progress, stop=stop)
+    except KeyboardInterrupt:  # a second signal: stopped at once; the journal keeps what was finished
+        log.warning("stopped at once; run the same command again to resume")
+        raise typer.Exit(128 + int(caught[-1] if caught else signal.SIGINT)) from None
+    finally:
+        if progress is not None:
+            progress.close()
+    if not quiet:
+        log.info("done %d, skipped %d (already done), failed %d%s, detections %d, %.1f s -> %s",
+                 summary.done, summary.skipped, summary.failed,
+                 f" ({summary.failed_total} in failures.jsonl)" if summary.failed_total else "",
+                 summary.detections, summary.seconds, summary.out_dir)
+    if summary.interrupted is not None or caught:  # a signal that came late still says "interrupted"
+        signum = caught[0] if caught else signal.SIGINT
+        log.warning("interrupted; outputs are consistent, run the same command again to resume")
+        raise typer.Exit(128 + int(signum))
+    if summary.failed_total:
+        raise typer.Exit(3)
+
+
+def _parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``"K/N"`` -> (K, N) with 1 <= K <= N; None stays None."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise typer.BadParameter(f"{text!r}: expected K/N, e.g. 2/3", param_hint="--shard") from None
+    if not 1 <= k <= n:
+        raise typer.BadParameter(f"{text!r}: K must be between 1 and N", param_hint="--shard")
+    return k, n

@@ -1,0 +1,124 @@
+"""OUT's own files: run.json (settings and classes), failures.jsonl, preparing and clearing the folder,
+the settings check that keeps one OUT to one set of settings, and the writers' checkpoint.
+
+``predict`` (api.py) and ``merge`` (merge.py) share these; the writers' own outputs are theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_write_bytes
+from .config import PredictConfig
+from .detections import Category
+from .engine import ModelInfo
+from .errors import OutputError, UsageError
+from .journal import JOURNAL_NAME, Journal, output_error
+from .jsonio import dumps as json_dumps
+from .writers import RunContext, Writer
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "run.json"
+FAILURES_FILE = "failures.jsonl"
+OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks")
+FAILURE_FIELDS = ("path", "rel_path", "reason", "size", "mtime_ns")
+
+
+def prepare_out_dir(out: Path) -> Path:
+    """Create OUT (and its parents) if needed; ``OutputError`` if it is a file or cannot be made."""
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: the output path exists and is not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"{out}: cannot create the output folder: {exc.strerror}") from None
+    return out
+
+
+def clear_outputs(out: Path) -> None:
+    """Remove what maskseg wrote into OUT (``--overwrite``); anything else in it is left alone."""
+    for name in OWNED_OUTPUTS:
+        p = out / name
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+
+
+def settings_of(config: PredictConfig) -> dict[str, Any]:
+    """The settings that make results comparable: a rerun with other ones must not resume into OUT."""
+    m = config.model
+    settings: dict[str, Any] = {
+        "model": m.name, "weights": str(Path(m.weights).resolve()) if m.weights else None,
+        "score_thresh": m.score_thresh, "mask_thresh": config.mask_thresh, "max_dets": m.max_dets,
+        "min_size": m.min_size, "max_size": m.max_size, "classes": sorted(config.classes),
+    }
+    if m.backend != "torch":  # recorded only when not the default, so earlier run.json files still match
+        settings["backend"] = m.backend
+        settings["labels"] = str(Path(m.labels).resolve()) if m.labels else None
+    if m.precision != "fp32":  # mixed precision moves scores and masks slightly: not mixed with fp32 results
+        settings["precision"] = m.precision
+    if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
+        settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
+    return settings
+
+
+def check_settings(out: Path, config: PredictConfig) -> dict:
+    """Refuse to mix results of different settings in one OUT; returns run.json's content."""
+    path = out / RUN_FILE
+    wanted = settings_of(config)
+    if not path.exists():
+        return {"settings": wanted}
+    try:
+        previous = json.loads(path.read_text(encoding="utf-8"))
+        before = previous["settings"]
+    except (OSError, ValueError, KeyError):
+        log.warning("%s is unreadable; it will be rewritten", path)
+        return {"settings": wanted}
+    diff = [f"{k} {before.get(k)!r} -> {wanted.get(k)!r}" for k in sorted(set(wanted) | set(before))
+            if before.get(k) != wanted.get(k)]
+    if diff:
+        raise UsageError(f"{out} holds results made with other settings ({'; '.join(diff)}); "
+                         "use --overwrite to start afresh, or another output folder")
+    return previous
+
+
+def write_run_file(out: Path, run_file: dict) -> None:
+    """Replace OUT/run.json atomically."""
+    atomic_write_bytes(out / RUN_FILE, (json.dumps(run_file, indent=1) + "\n").encode())
+
+
+def record_run(out: Path, run_file: dict, model: ModelInfo) -> dict:
+    """run.json with the model's name and categories added; written only when it changed."""
+    updated = {
+        "settings": run_file["settings"],
+        "model_name": model.name,
+        "categories": [{"label": c.label, "id": c.id, "name": c.name} for c in model.categories],
+    }
+    if updated != run_file:
+        write_run_file(out, updated)
+    return updated
+
+
+def categories_of(run_file: dict) -> list[Category]:
+    """The categories run.json records (empty before a model has run)."""
+    return [Category(c["label"], c["id"], c["name"]) for c in run_file.get("categories", [])]
+
+
+def checkpoint(writers: list[Writer], journal: Journal, out: Path, context: RunContext, *,
+               final: bool = False) -> None:
+    """Let every writer refresh (or, ``final``, close) its outputs, and rewrite failures.jsonl if it changed."""
+    try:
+        for w in writers:
+            w.close() if final else w.checkpoint()
+        failures = out / FAILURES_FILE
+        if context.changed or not failures.exists():
+            lines = [json_dumps({k: r.get(k) for k in FAILURE_FIELDS}) + "\n" for r in journal.failure_records()]
+            atomic_write_bytes(failures, "".join(lines).encode("utf-8"))
+    except OSError as exc:
+        raise output_error(out, exc) from None
