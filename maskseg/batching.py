@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .decode import DecodedImage
-from .errors import DecodeError, MasksegError, UndecodableError
+from .errors import DecodeError, MasksegError, ModelOutputError, UndecodableError
 from .sources import ImageRef
 
 log = logging.getLogger(__name__)
@@ -104,6 +104,8 @@ def segment_batch(
         return [], [], []
     try:
         return images, list(segment([d.rgb for d in images])), []
+    except ModelOutputError:  # the model's outputs are misread, not this image's fault: every image would be
+        raise
     except Exception as exc:
         if len(images) == 1:
             return [], [], [_model_failure(images[0], exc)]
@@ -114,6 +116,8 @@ def segment_batch(
     for image in images:
         try:
             [dets] = segment([image.rgb])
+        except ModelOutputError:
+            raise
         except Exception as exc:
             failures.append(_model_failure(image, exc))
             continue

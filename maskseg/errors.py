@@ -55,6 +55,11 @@ class WeightsError(MasksegError):
     """Model weights that are missing, unsafe or do not fit the architecture."""
 
 
+class ModelOutputError(WeightsError):
+    """A model whose outputs hold values no export layout maskseg reads can hold (boxes outside [0, 1]
+    where normalised boxes are expected, NaNs): the run stops, it never writes what it misread."""
+
+
 class ExportError(MasksegError):
     """An exported model that disagrees with the original on the check images, or cannot be made."""
 

@@ -97,6 +97,15 @@ def crop_full_masks(masks: Any, boxes: Any, image_size: tuple[int, int], mask_th
     return out
 
 
+def clip_boxes(boxes: Any, image_size: tuple[int, int]) -> Any:
+    """[N, 4] XYXY float tensor clipped to an image of ``image_size`` (height, width); a new tensor."""
+    height, width = image_size
+    clipped = boxes.clone()
+    clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
+    clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
+    return clipped
+
+
 def _empty(x0: int, y0: int, image_size: tuple[int, int]) -> BoxMask:
     im_h, im_w = image_size
     return BoxMask(min(max(x0, 0), im_w), min(max(y0, 0), im_h), np.zeros((0, 0), bool), image_size)
@@ -125,13 +134,14 @@ def raw_to_detections(
         boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
         masks = masks[keep] if masks is not None else None
     pasted = None
-    if masks is not None:
+    if masks is not None:  # onto the whole box: a box clipped first would squeeze its mask
         if raw.mask_layout == "roi":
             pasted = paste_box_local(masks[:, None], boxes, image_size, mask_thresh)
         elif raw.mask_layout == "box":
             pasted = paste_box_exact(masks.cpu(), boxes.cpu(), image_size, mask_thresh)
         else:
             pasted = crop_full_masks(masks, boxes, image_size, mask_thresh)
+    boxes = clip_boxes(boxes, image_size)
     return Detections(
         boxes=boxes.detach().float().cpu().numpy().reshape(-1, 4),
         scores=scores.detach().float().cpu().numpy(),

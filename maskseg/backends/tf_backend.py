@@ -1,19 +1,19 @@
-"""The TensorFlow backend: Mask R-CNN SavedModels exported by the TF Object Detection API, run
-through their ``serving_default`` signature one image at a time.
+"""The TensorFlow backend: Mask R-CNN SavedModels exported by the TF Object Detection API or by TF
+Model Garden, run through their ``serving_default`` signature one image at a time.
 
 The signature's image input is found by inspection: a rank-4 [1 or None, H, W, 3] tensor, uint8 (fed
 as decoded) or floating point (fed as float 0..255, the Object Detection API convention, not 0..1).
-A signature with a fixed H, W gets the image resized to it; boxes come back normalized, so they map
-onto the original image all the same. The standard outputs (``detection_boxes`` normalized
-[ymin, xmin, ymax, xmax], ``detection_scores``, ``detection_classes`` 1-based floats,
-``num_detections``, ``detection_masks``) become ``RawDetections`` in ``to_raw_detections``, the one
-adapter; masks stay in the model's layout ("box": M x M over the box; "image": full-image) and are
-pasted by ``maskseg.postprocess`` like every other backend's.
+A signature with a fixed H, W gets the image resized to it. Which export layout the outputs follow
+(an ``image_info`` output means Model Garden's) and how each maps onto the original image is
+``tf_outputs``' job, the one adapter; masks are pasted by ``maskseg.postprocess`` like every other
+backend's.
 
 Class ids are the model's own (label == category id, never shifted). Names come from ``--labels``
 (a label map); without one the model's class count is read from the signature's
-``detection_multiclass_scores``/``raw_detection_scores`` width (background included) or from the
-``pipeline.config`` exported beside the SavedModel, and classes are named ``class_<id>``.
+``detection_multiclass_scores``/``raw_detection_scores`` width (background included), from the
+``pipeline.config`` the Object Detection API exports beside the SavedModel, or from Model Garden's
+``params.yaml`` (``task.model.num_classes``, background included), and classes are named ``class_<id>``.
+TensorFlow's own loader warnings stay out of the log unless ``-v``.
 """
 
 from __future__ import annotations
@@ -34,12 +34,21 @@ from ..detections import Category
 from ..errors import UsageError, WeightsError
 from ..labelmap import LabelMapItem, read_label_map
 from .base import RawDetections
+from .tf_outputs import (
+    CLASS_SCORE_OUTPUTS,
+    READ_OUTPUTS,
+    REQUIRED_OUTPUTS,
+    ExportLayout,
+    export_layout,
+    model_garden_to_raw_detections,
+    params_num_classes,
+    pipeline_num_classes,
+    to_raw_detections,
+)
 
 log = logging.getLogger(__name__)
 
 SIGNATURE = "serving_default"
-REQUIRED_OUTPUTS = ("detection_boxes", "detection_scores", "detection_classes")
-CLASS_SCORE_OUTPUTS = ("detection_multiclass_scores", "raw_detection_scores")
 INSTALL_HINT = "--backend tensorflow needs TensorFlow: pip install 'maskseg[tensorflow]'"
 
 
@@ -50,64 +59,6 @@ class ImageInput:
     name: str
     dtype: str
     size: tuple[int, int] | None = None
-
-
-def to_raw_detections(
-    outputs: Mapping[str, np.ndarray],
-    image_size: tuple[int, int],
-    *,
-    score_thresh: float,
-    max_dets: int,
-    fed_size: tuple[int, int] | None = None,
-) -> RawDetections:
-    """One image's signature outputs (batch of 1, as numpy) -> RawDetections in original-image pixels.
-
-    ``detection_boxes`` [1, K, 4] normalized (ymin, xmin, ymax, xmax) become XYXY float pixels of
-    ``image_size`` (H, W), clipped to the image; ``detection_classes`` [1, K] floats become int64 ids
-    as they are; only the first ``num_detections`` rows count. Detections scoring at least
-    ``score_thresh`` are kept, best first, at most ``max_dets``. ``detection_masks`` [1, K, h, w] in
-    [0, 1] are full-image masks when (h, w) equals ``fed_size`` (the tensor fed, default
-    ``image_size``; resized to ``image_size`` when it differs), else masks over their boxes.
-    """
-    height, width = image_size
-    fed_size = fed_size or image_size
-    boxes = np.asarray(outputs["detection_boxes"], dtype=np.float64).reshape(-1, 4)
-    scores = np.asarray(outputs["detection_scores"], dtype=np.float32).reshape(-1)
-    classes = np.asarray(outputs["detection_classes"]).reshape(-1)
-    count = len(scores)
-    if "num_detections" in outputs:
-        count = min(count, int(np.asarray(outputs["num_detections"]).reshape(-1)[0]))
-    order = np.argsort(-scores[:count], kind="stable")
-    keep = order[scores[order] >= score_thresh][:max_dets]
-    ymin, xmin, ymax, xmax = np.clip(boxes[keep], 0.0, 1.0).T
-    pixel_boxes = np.stack([xmin * width, ymin * height, xmax * width, ymax * height], axis=1)
-    masks, layout = None, "box"
-    if "detection_masks" in outputs:
-        all_masks = np.asarray(outputs["detection_masks"], dtype=np.float32)
-        all_masks = all_masks.reshape(-1, *all_masks.shape[-2:])
-        masks = all_masks[keep]
-        if tuple(masks.shape[1:]) == tuple(fed_size):
-            layout = "image"
-            if tuple(fed_size) != tuple(image_size):
-                masks = _resize_masks(masks, image_size)
-    return RawDetections(
-        boxes=pixel_boxes.astype(np.float32).reshape(-1, 4),
-        scores=scores[keep],
-        labels=np.rint(classes[keep].astype(np.float64)).astype(np.int64),
-        masks=masks,
-        mask_layout=layout,
-    )
-
-
-def _resize_masks(masks: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
-    """[N, h, w] full-image probabilities at the fed size -> [N, H, W] at the original size."""
-    import cv2
-
-    height, width = image_size
-    out = np.empty((len(masks), height, width), dtype=np.float32)
-    for i, m in enumerate(masks):
-        out[i] = cv2.resize(m, (width, height), interpolation=cv2.INTER_LINEAR)
-    return out
 
 
 def find_saved_model(path: str | Path) -> Path:
@@ -127,31 +78,25 @@ def find_saved_model(path: str | Path) -> Path:
     raise WeightsError(f"{p}: not a SavedModel folder (no saved_model.pb in it or in {p / 'saved_model'})")
 
 
-def pipeline_num_classes(model_dir: Path) -> int | None:
-    """``num_classes`` from the ``pipeline.config`` the Object Detection API exports beside the
-    SavedModel folder (or inside it); None when there is none."""
-    for config in (model_dir.parent / "pipeline.config", model_dir / "pipeline.config"):
-        if config.is_file():
-            try:
-                m = re.search(r"\bnum_classes\s*:\s*(\d+)", config.read_text(encoding="utf-8", errors="replace"))
-            except OSError:
-                continue
-            if m:
-                return int(m.group(1))
-    return None
-
-
 def import_tensorflow(threads: int | None = None, *, quiet: bool = True) -> Any:
     """Import TensorFlow with its C++ logging quieted; UsageError naming the extra when it is missing.
 
     ``threads`` sets TF's intra- and inter-op pools (only possible before TF's runtime starts).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    # torchvision's C extension segfaults when first loaded after TensorFlow (seen with TF 2.20 and
+    # torchvision 0.29); the mask paste needs it, so it is loaded first.
+    import torchvision.ops  # noqa: F401
+
     try:
         tf = _import_quietly() if quiet else __import__("tensorflow")
     except ImportError as exc:
         log.debug("importing tensorflow failed: %s", exc)
         raise UsageError(INSTALL_HINT) from None
+    if quiet:
+        # TF's Python-side warnings (hundreds of "Importing a function ... with ops with unsaved custom
+        # gradients" lines while loading a Model Garden export) would otherwise reach maskseg's log.
+        logging.getLogger("tensorflow").setLevel(logging.ERROR)
     if threads:
         try:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
@@ -231,11 +176,11 @@ def tf_categories(items: list[LabelMapItem] | None, labels_file: str | None, mod
         if scored is not None and top > scored:
             log.warning("%s has ids up to %d but the model scores %d classes", labels_file, top, scored)
         return [Category(i.id, i.id, i.label) for i in items]
-    count = scored if scored is not None else pipeline_num_classes(model_dir)
+    count = scored if scored is not None else pipeline_num_classes(model_dir) or params_num_classes(model_dir)
     if not count:
         raise UsageError(
             f"{model_dir}: cannot tell how many classes the model has (no {' or '.join(CLASS_SCORE_OUTPUTS)} "
-            "output, no pipeline.config beside it); pass --labels label_map.pbtxt")
+            "output, no pipeline.config or params.yaml beside it); pass --labels label_map.pbtxt")
     return [Category(i, i, f"class_{i}") for i in range(1, count + 1)]
 
 
@@ -243,7 +188,8 @@ class TensorFlowBackend:
     """A loaded SavedModel's serving signature, fed one image at a time (TF OD API exports take batch 1)."""
 
     def __init__(self, tf: Any, loaded: Any, model_dir: Path, image_input: ImageInput,
-                 categories: list[Category], device: str, scored: int | None, config: ModelConfig) -> None:
+                 categories: list[Category], device: str, scored: int | None, config: ModelConfig,
+                 layout: ExportLayout = "od_api") -> None:
         self.tf = tf
         self.loaded = loaded  # owns the variables the signature reads
         self.signature = _signature(loaded, model_dir)
@@ -254,6 +200,7 @@ class TensorFlowBackend:
         self.score_thresh = config.score_thresh
         self.max_dets = config.max_dets
         self.labels_file = config.labels
+        self.layout = layout
         self._known = {c.label for c in categories}
         self._num_classes = max([*self._known, scored or 0]) + 1
         self._warned: set[int] = set()
@@ -285,15 +232,18 @@ class TensorFlowBackend:
         missing = [k for k in REQUIRED_OUTPUTS if k not in outputs]
         if missing:
             raise WeightsError(f"{model_dir}: the signature has no {', '.join(missing)} output (it has: "
-                               f"{', '.join(sorted(outputs))}); expected a TF Object Detection API export")
+                               f"{', '.join(sorted(outputs))}); expected a TF Object Detection API or TF Model "
+                               "Garden export")
         if "detection_masks" not in outputs:
             log.warning("%s: the signature has no detection_masks output; results will carry boxes only", model_dir)
         image_input = _image_input(signature, model_dir)
         scored = _class_count(outputs)
         categories = tf_categories(items, config.labels, model_dir, scored)
-        backend = cls(tf, loaded, model_dir, image_input, categories, device, scored, config)
-        log.info("SavedModel %s: input %s %s%s, %d classes, on %s", model_dir, image_input.name, image_input.dtype,
-                 f" {image_input.size[0]}x{image_input.size[1]}" if image_input.size else "",
+        layout = export_layout(outputs)
+        backend = cls(tf, loaded, model_dir, image_input, categories, device, scored, config, layout)
+        log.info("SavedModel %s (%s export): input %s %s%s, %d classes, on %s", model_dir,
+                 "TF Model Garden" if layout == "model_garden" else "TF Object Detection API", image_input.name,
+                 image_input.dtype, f" {image_input.size[0]}x{image_input.size[1]}" if image_input.size else "",
                  len(backend.categories), device)
         return backend
 
@@ -323,10 +273,10 @@ class TensorFlowBackend:
             detail = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
             raise WeightsError(f"{self.model_dir}: the SavedModel failed on a {image_size[1]}x{image_size[0]} "
                                f"image ({detail})") from None
-        arrays = {k: v.numpy() for k, v in outputs.items()
-                  if k in (*REQUIRED_OUTPUTS, "num_detections", "detection_masks")}
-        raw = to_raw_detections(arrays, image_size, score_thresh=self.score_thresh, max_dets=self.max_dets,
-                                fed_size=(int(fed.shape[0]), int(fed.shape[1])))
+        arrays = {k: v.numpy() for k, v in outputs.items() if k in READ_OUTPUTS}
+        adapter = model_garden_to_raw_detections if self.layout == "model_garden" else to_raw_detections
+        raw = adapter(arrays, image_size, score_thresh=self.score_thresh, max_dets=self.max_dets,
+                      fed_size=(int(fed.shape[0]), int(fed.shape[1])), source=f"{self.model_dir}")
         return self._known_only(raw)
 
     def _known_only(self, raw: RawDetections) -> RawDetections:

@@ -61,7 +61,7 @@ def predict_command(
     backend: Annotated[str, typer.Option(
         metavar="NAME", rich_help_panel=MODEL,
         help="What runs the network: torch (torchvision), onnxruntime (a model from `maskseg export`) or "
-             "tensorflow (a TF Object Detection API SavedModel).")] = _M.backend,
+             "tensorflow (a TF Object Detection API or TF Model Garden SavedModel).")] = _M.backend,
     labels: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         metavar="FILE", rich_help_panel=MODEL,
         help="Class names for --backend tensorflow: a TF label map (.pbtxt).")] = None,
