@@ -1,4 +1,4 @@
-"""The exceptions maskseg raises for problems a user can fix; cli.py turns them into exit codes."""
+"""The exceptions maskseg raises for problems a user can fix; cli (maskseg.cli.main) turns them into exit codes."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Sets the run up (config checks, data, model, optimizer, schedule, DistributedDataParallel under
 ``torchrun``), hands it to the ``Trainer`` with its hooks, and leaves behind a metrics file and best/last
-checkpoints that ``maskseg predict --weights`` uses unaided. No argument parsing here (cli_train.py does that).
+checkpoints that ``maskseg predict --weights`` uses unaided. No argument parsing here (cli/train.py does that).
 """
 
 from __future__ import annotations
