@@ -11,11 +11,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 from .atomic import stale_temp_files
+from .backends import with_resolved_precision
 from .batching import Failure
 from .config import PredictConfig
 from .decode import DecodedImage
@@ -103,6 +104,8 @@ def predict(
             for tmp in stale_temp_files(out):
                 tmp.unlink(missing_ok=True)
             scan = _scan(inputs, out, config, summary, stdin)
+            # run.json records what runs (auto -> bf16 or fp32), so resume never mixes the two.
+            config = replace(config, model=with_resolved_precision(config.model))
             run_file = check_settings(out, config)
             journal = Journal(out)
             try:

@@ -2,11 +2,12 @@
 pipeline (label filtering, mask paste, RLE, writers, journal) is shared.
 
 ``torch`` (torchvision, the default) lives in ``torch_backend``; other runtimes (ONNX Runtime,
-TensorFlow SavedModel) live beside it and are imported only when chosen, so their packages stay
+OpenVINO, TensorFlow SavedModel) live beside it and are imported only when chosen, so their packages stay
 optional.
 """
 
 from .base import Backend, MaskLayout, RawDetections
-from .registry import BACKENDS, load_backend
+from .registry import BACKENDS, load_backend, resolve_model_precision, with_resolved_precision
 
-__all__ = ["BACKENDS", "Backend", "MaskLayout", "RawDetections", "load_backend"]
+__all__ = ["BACKENDS", "Backend", "MaskLayout", "RawDetections", "load_backend", "resolve_model_precision",
+           "with_resolved_precision"]

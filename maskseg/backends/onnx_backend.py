@@ -119,15 +119,15 @@ class OnnxBackend:
         if layout not in (None, "roi", "box", "image"):
             raise WeightsError(f"{name}: unknown mask_layout {layout!r} in its metadata (expected roi, box or image)")
         self.mask_layout: MaskLayout | None = layout  # type: ignore[assignment]
-        self.min_size = config.min_size or _int(meta.get("min_size"))
-        self.max_size = config.max_size or _int(meta.get("max_size"))
+        self.min_size = config.min_size or meta_int(meta.get("min_size"))
+        self.max_size = config.max_size or meta_int(meta.get("max_size"))
         if io.sized and not (self.min_size and self.max_size):
             raise WeightsError(f"{name}: the model takes a resize size but its metadata has no min_size/max_size; "
                                "pass --min-size and --max-size")
         if not io.sized and (config.min_size or config.max_size):
             raise UsageError(f"--min-size/--max-size: {name} resizes inside its graph; export it again with "
                              "`maskseg export --format onnx --min-size ...`")
-        exported_dets = _int(meta.get("max_dets"))
+        exported_dets = meta_int(meta.get("max_dets"))
         if exported_dets and config.max_dets > exported_dets:
             log.warning("%s was exported with at most %d detections per image; --max-dets %d gives no more",
                         name, exported_dets, config.max_dets)
@@ -153,11 +153,11 @@ class OnnxBackend:
         ort = import_onnxruntime()
         session, device = _session(ort, model, config, source)
         meta = dict(session.get_modelmeta().custom_metadata_map)
-        version = _int(meta.get("maskseg_format_version"))
+        version = meta_int(meta.get("maskseg_format_version"))
         if version and version > SUPPORTED_FORMAT_VERSION:
             raise WeightsError(f"{source}: made by a newer maskseg (ONNX format version {version}); upgrade maskseg")
         io = describe_graph(session, source)
-        categories, num_classes = _categories(meta, model, config, source)
+        categories, num_classes = graph_categories(meta, model, config, source)
         name = meta.get("arch") or (Path(model).stem if isinstance(model, str) else "onnx")
         backend = cls(session, device, io, meta, categories, num_classes, config, name)
         log.info("onnxruntime model %s (%d classes) from %s on %s (%s)", name, num_classes, source,
@@ -269,7 +269,7 @@ def _providers(ort: Any, device: str) -> list[Any]:
     return [("CUDAExecutionProvider", {"device_id": index}), "CPUExecutionProvider"]
 
 
-def _categories(meta: Mapping[str, str], model: str | bytes, config: ModelConfig,
+def graph_categories(meta: Mapping[str, str], model: str | bytes, config: ModelConfig,
                 source: str) -> tuple[list[Category], int]:
     """Categories and classifier width: from maskseg's metadata, else ``--labels``, else the graph's
     classifier weight (91 rows: torchvision's COCO layout; otherwise ``class_<i>``)."""
@@ -279,7 +279,7 @@ def _categories(meta: Mapping[str, str], model: str | bytes, config: ModelConfig
             categories = [Category(int(c["label"]), int(c["id"]), str(c["name"])) for c in items]
         except (ValueError, KeyError, TypeError) as exc:
             raise WeightsError(f"{source}: unreadable categories in its metadata ({exc})") from None
-        width = _int(meta.get("num_classes")) or max((c.label for c in categories), default=0) + 1
+        width = meta_int(meta.get("num_classes")) or max((c.label for c in categories), default=0) + 1
         return categories, width
     width = _classifier_width(model)
     if config.labels:
@@ -310,7 +310,7 @@ def _classifier_width(model: str | bytes) -> int | None:
     return None
 
 
-def _int(value: str | None) -> int | None:
+def meta_int(value: str | None) -> int | None:
     try:
         return int(value) if value not in (None, "", "None") else None
     except ValueError:

@@ -20,6 +20,7 @@ from .options import (
     MinSize,
     OptionalModel,
     Overwrite,
+    Precision,
     Quiet,
     ScoreThresh,
     Verbose,
@@ -81,6 +82,7 @@ def eval_command(
              "reruns resume in it.")] = Path("out-eval"),
     overwrite: Overwrite = _P.overwrite,
     device: Device = _M.device,
+    precision: Precision = _M.precision,
     batch_size: BatchSize = "auto",
     quiet: Quiet = False,
     verbose: Verbose = False,
@@ -100,7 +102,7 @@ def eval_command(
         iou_types=comma_list(iou_type.lower()), max_dets=max_dets, fail_under=fail_under, fail_metric=fail_metric,
         predict=replace(_P, batch_size=cfg.parse_batch_size(batch_size), overwrite=overwrite, model=model_config(
             model or _M.name, weights, base=_M, device=device, score_thresh=score_thresh, max_dets=max_dets,
-            min_size=min_size, max_size=max_size)),
+            min_size=min_size, max_size=max_size, precision=precision)),
     )
     from ..evaluation import evaluate
 

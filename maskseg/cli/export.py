@@ -55,7 +55,7 @@ def export_command(
     """Export a Mask R-CNN to ONNX, checked against torch on a real photo.
 
     Class names and input size go in its metadata.
-    Run it with `maskseg predict --backend onnxruntime --weights OUT`.
+    Run it with `maskseg predict --backend onnxruntime --weights OUT` (or `--backend openvino`).
     --score-thresh is the check's: predict feeds its own to the graph.
     """
     from ..export import export_onnx

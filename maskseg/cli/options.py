@@ -42,8 +42,13 @@ OptionalDevice = Annotated[Optional[str], DEVICE_OPTION]  # noqa: UP045
 Weights = Annotated[Optional[Path], typer.Option(  # noqa: UP045
     metavar="PATH", rich_help_panel=MODEL,
     help="Local weights: a torchvision state dict as it is, or a maskseg checkpoint (carries its classes); "
-         "for `predict --backend onnxruntime` an .onnx file, for `--backend tensorflow` a SavedModel folder. "
+         "for `predict --backend onnxruntime|openvino` an .onnx file, for `--backend tensorflow` a SavedModel folder. "
          "Default: torchvision's COCO weights (downloaded once into the torch cache).")]
+Precision = Annotated[str, typer.Option(
+    metavar="NAME", rich_help_panel=RUN,
+    help="auto: bf16 where the hardware runs it natively (a CPU with AMX-BF16 or AVX512-BF16, a CUDA GPU with "
+         "bf16), else fp32; fp32; bf16 (on the CPU the network in bf16, boxes and masks in float32); fp16 (CUDA). "
+         "Outputs differ slightly from fp32 (README: Precision); run.json records the one used.")]
 MinSize = Annotated[Optional[int], typer.Option(  # noqa: UP045
     min=32, metavar="PX", rich_help_panel=MODEL,
     help="Resize the short side to this (default: the model's, 800 for torchvision's); train and export "

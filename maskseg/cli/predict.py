@@ -27,6 +27,7 @@ from .options import (
     MinSize,
     Model,
     Overwrite,
+    Precision,
     Quiet,
     ScoreThresh,
     Verbose,
@@ -60,8 +61,8 @@ def predict_command(
     weights: Weights = None,
     backend: Annotated[str, typer.Option(
         metavar="NAME", rich_help_panel=MODEL,
-        help="What runs the network: torch (torchvision), onnxruntime (a model from `maskseg export`) or "
-             "tensorflow (a TF Object Detection API or TF Model Garden SavedModel).")] = _M.backend,
+        help="What runs the network: torch (torchvision), onnxruntime or openvino (a model from `maskseg export "
+             "--format onnx`), or tensorflow (a TF Object Detection API or TF Model Garden SavedModel).")] = _M.backend,
     labels: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         metavar="FILE", rich_help_panel=MODEL,
         help="Class names for --backend tensorflow: a TF label map (.pbtxt).")] = None,
@@ -81,10 +82,7 @@ def predict_command(
         help="Writers to run, comma-separated (see `maskseg writers`).")] = ",".join(_D.writers),
     overwrite: Overwrite = _D.overwrite,
     device: Device = _M.device,
-    precision: Annotated[str, typer.Option(
-        metavar="NAME", rich_help_panel=RUN,
-        help="fp32, or fp16/bf16: mixed precision on a CUDA GPU (faster there; outputs differ slightly). The CPU "
-             "runs fp32.")] = _M.precision,
+    precision: Precision = _M.precision,
     compile_backbone: Annotated[bool, typer.Option(
         "--compile", metavar="", rich_help_panel=RUN,
         help="torch.compile the backbone, for long runs on a GPU: each new input size compiles once (seconds to "

@@ -11,17 +11,17 @@ from typing import Any
 import numpy as np
 
 from ...config import ModelConfig
-from ...errors import UsageError
 from ...models import LoadedModel, load_model, resolve_device
 from ..base import RawDetections
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "fp16", "bf16")
-
-
 class TorchBackend:
-    """A ``LoadedModel`` run under inference mode; boxes are mapped back to original-image pixels."""
+    """A ``LoadedModel`` run under inference mode; boxes are mapped back to original-image pixels.
+
+    ``precision``: ``fp32``; ``bf16`` (on the CPU the network in bf16 with bf16 weights, ``bf16.to_bf16``;
+    on CUDA autocast) or ``fp16`` (CUDA autocast).
+    """
 
     def __init__(self, loaded: LoadedModel, *, release_memory: bool = False, precision: str = "fp32") -> None:
         self.loaded = loaded
@@ -34,23 +34,27 @@ class TorchBackend:
 
         # torchvision's RoIAlign reads NCHW: channels_last pyramids are converted once per image for it.
         self._pools_need_nchw = loaded.channels_last and not pools_read_channels_last(loaded.module.roi_heads)
+        self._cpu_bf16 = precision == "bf16" and self.device.type == "cpu"
 
     @classmethod
     def load(cls, config: ModelConfig) -> TorchBackend:
-        """Load the model and apply ``backends.torch_backend.optimize``'s inference rewrites (same results, faster).
+        """Load the model and apply ``backends.torch_backend.optimize``'s inference rewrites (same results,
+        faster), then, for bf16 on the CPU, ``bf16.to_bf16``.
 
         Done here rather than in ``load_model``, whose plain torchvision module training, inspection
-        and export need."""
+        and export need. ``config.precision`` may be ``auto``: resolved here for this device."""
+        from ...precision import resolve_precision
         from .optimize import prepare_for_inference
 
-        if config.precision not in PRECISIONS:
-            raise UsageError(f"--precision {config.precision}: expected one of {', '.join(PRECISIONS)}")
         device = resolve_device(config.device)
-        if config.precision != "fp32" and device.type != "cuda":
-            raise UsageError(f"--precision {config.precision}: mixed precision runs on a CUDA GPU only; the "
-                             f"{device.type} runs fp32 (bf16 on CPUs without bf16 instructions is far slower)")
+        precision = resolve_precision(config.precision, backend="torch", device_type=device.type,
+                                      cuda_bf16=cuda_supports_bf16(device))
         loaded = load_model(config)
         applied = prepare_for_inference(loaded.module, loaded.device, threads=config.threads)
+        if precision.name == "bf16" and device.type == "cpu":
+            from .bf16 import to_bf16
+
+            applied += to_bf16(loaded.module)
         if config.compile:
             import torch
 
@@ -58,8 +62,10 @@ class TorchBackend:
             loaded.module.backbone = torch.compile(loaded.module.backbone, dynamic=False)
             applied.append("backbone compiled (torch.compile) at its first image of each size")
         loaded.extra["optimizations"] = applied
+        loaded.extra["precision"] = precision.name
         log.info("inference rewrites: %s", "; ".join(applied) or "none")
-        return cls(loaded, release_memory=True, precision=config.precision)
+        log.info("precision %s (%s)", precision.name, precision.reason)
+        return cls(loaded, release_memory=True, precision=precision.name)
 
     @property
     def num_classes(self) -> int:
@@ -117,8 +123,14 @@ class TorchBackend:
             del tensors
             if self.loaded.channels_last:
                 batch.tensors = batch.tensors.contiguous(memory_format=torch.channels_last)
+            if self._cpu_bf16:  # normalised in float32 by the transform, then the network in bf16
+                batch.tensors = batch.tensors.to(torch.bfloat16)
             features = self._backbone(net.backbone, batch.tensors)
             proposals, _ = net.rpn(batch, features)
+            if self._cpu_bf16:
+                from .bf16 import features_to_float
+
+                features = features_to_float(features)
             if self._pools_need_nchw:  # each level converted once, for both heads
                 features = {k: to_nchw(v) for k, v in features.items()}
             image_sizes = batch.image_sizes
@@ -143,6 +155,15 @@ class TorchBackend:
         """Mixed precision on CUDA when asked for (``--precision fp16|bf16``); nothing otherwise."""
         import torch
 
-        if self.precision == "fp32" or self.device.type != "cuda":
+        if self.precision not in ("fp16", "bf16") or self.device.type != "cuda":
             return contextlib.nullcontext()
         return torch.autocast("cuda", dtype=torch.float16 if self.precision == "fp16" else torch.bfloat16)
+
+
+def cuda_supports_bf16(device: Any) -> bool:
+    """Whether ``device`` is a CUDA GPU that runs bf16 (False for the CPU)."""
+    if device.type != "cuda":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
