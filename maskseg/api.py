@@ -11,12 +11,12 @@ import logging
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from .atomic import stale_temp_files
-from .backends import with_resolved_precision
+from .backends import resolve_model_precision
 from .batching import Failure
 from .config import PredictConfig
 from .decode import DecodedImage
@@ -105,8 +105,7 @@ def predict(
                 tmp.unlink(missing_ok=True)
             scan = _scan(inputs, out, config, summary, stdin)
             # run.json records what runs (auto -> bf16 or fp32), so resume never mixes the two.
-            config = replace(config, model=with_resolved_precision(config.model))
-            run_file = check_settings(out, config)
+            run_file = check_settings(out, config, precision=resolve_model_precision(config.model).name)
             journal = Journal(out)
             try:
                 _Run(out, config, journal, summary, progress or SilentProgress(), stop).run(scan, run_file)

@@ -50,9 +50,12 @@ def clear_outputs(out: Path) -> None:
             p.unlink()
 
 
-def settings_of(config: PredictConfig) -> dict[str, Any]:
-    """The settings that make results comparable: a rerun with other ones must not resume into OUT."""
+def settings_of(config: PredictConfig, *, precision: str | None = None) -> dict[str, Any]:
+    """The settings that make results comparable: a rerun with other ones must not resume into OUT.
+
+    ``precision``: the one that runs (``--precision auto`` resolved); default ``config.model.precision``."""
     m = config.model
+    precision = precision or m.precision
     settings: dict[str, Any] = {
         "model": m.name, "weights": str(Path(m.weights).resolve()) if m.weights else None,
         "score_thresh": m.score_thresh, "mask_thresh": config.mask_thresh, "max_dets": m.max_dets,
@@ -61,17 +64,19 @@ def settings_of(config: PredictConfig) -> dict[str, Any]:
     if m.backend != "torch":  # recorded only when not the default, so earlier run.json files still match
         settings["backend"] = m.backend
         settings["labels"] = str(Path(m.labels).resolve()) if m.labels else None
-    if m.precision != "fp32":  # mixed precision moves scores and masks slightly: not mixed with fp32 results
-        settings["precision"] = m.precision
+    if precision != "fp32":  # bf16/fp16 move scores and masks slightly: not mixed with fp32 results
+        settings["precision"] = precision
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
     return settings
 
 
-def check_settings(out: Path, config: PredictConfig) -> dict:
-    """Refuse to mix results of different settings in one OUT; returns run.json's content."""
+def check_settings(out: Path, config: PredictConfig, *, precision: str | None = None) -> dict:
+    """Refuse to mix results of different settings in one OUT; returns run.json's content.
+
+    ``precision``: as in ``settings_of``."""
     path = out / RUN_FILE
-    wanted = settings_of(config)
+    wanted = settings_of(config, precision=precision)
     if not path.exists():
         return {"settings": wanted}
     try:

@@ -7,7 +7,6 @@ optional.
 """
 
 from .base import Backend, MaskLayout, RawDetections
-from .registry import BACKENDS, load_backend, resolve_model_precision, with_resolved_precision
+from .registry import BACKENDS, load_backend, resolve_model_precision
 
-__all__ = ["BACKENDS", "Backend", "MaskLayout", "RawDetections", "load_backend", "resolve_model_precision",
-           "with_resolved_precision"]
+__all__ = ["BACKENDS", "Backend", "MaskLayout", "RawDetections", "load_backend", "resolve_model_precision"]

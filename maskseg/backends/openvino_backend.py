@@ -95,7 +95,10 @@ class OnnxGraphInfo:
 
 
 class OpenVinoBackend(OnnxBackend):
-    """``OnnxBackend`` over an OpenVINO compiled model (CPU)."""
+    """``OnnxBackend`` over an OpenVINO compiled model (CPU); ``inference_precision`` is what OpenVINO runs
+    (``f32``, ``bf16``)."""
+
+    inference_precision = ""
 
     @classmethod
     def load(cls, config: ModelConfig) -> OpenVinoBackend:
@@ -133,6 +136,7 @@ class OpenVinoBackend(OnnxBackend):
         backend = cls(session, "cpu", io, meta, categories, num_classes, config, name)
         hint = compiled.get_property("INFERENCE_PRECISION_HINT")
         used = hint.get_type_name() if hasattr(hint, "get_type_name") else str(hint)
+        backend.inference_precision = used
         log.info("openvino model %s (%d classes) from %s on the CPU, inference precision %s (%s)", name,
                  num_classes, path, used, "asked" if config.precision in _HINTS else "OpenVINO's choice")
         return backend

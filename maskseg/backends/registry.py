@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 from ..config import ModelConfig
@@ -58,7 +57,3 @@ def resolve_model_precision(config: ModelConfig) -> ResolvedPrecision:
     return resolve_precision(config.precision, backend=config.backend, device_type=device_type,
                              cuda_bf16=cuda_bf16)
 
-
-def with_resolved_precision(config: ModelConfig) -> ModelConfig:
-    """``config`` with ``precision`` resolved (``auto`` -> what this backend and device run)."""
-    return replace(config, precision=resolve_model_precision(config).name)

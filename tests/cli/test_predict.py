@@ -181,3 +181,26 @@ def test_torchvision_resnet50_state_dict_as_it_is(tmp_path):
     assert {c["id"] for c in cats} >= {90}  # 91-slot layout, never shifted
     assert all(a["category_id"] in coco.getCatIds() for a in coco.dataset["annotations"])
     assert len(coco.getAnnIds()) > 0
+
+
+def test_precision_auto_is_recorded_as_what_ran_and_resume_does_not_mix(images, tiny_checkpoint, tmp_path):
+    """auto resolves from this CPU's flags; run.json holds the result, and fp32 cannot resume a bf16 OUT."""
+    from maskseg.precision import cpu_bf16_flags
+
+    out = tmp_path / "out"
+    base = ["predict", images, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco"]
+    r = run_cli(*base, "--precision", "auto")
+    assert r.returncode == 0, r.stderr
+    settings = json.loads((out / "run.json").read_text())["settings"]
+    fp32 = run_cli(*base, "--precision", "fp32")
+    if cpu_bf16_flags():
+        assert "precision bf16 (auto: this CPU has" in r.stderr and settings["precision"] == "bf16"
+        assert fp32.returncode == 2 and "precision 'bf16' -> None" in fp32.stderr
+        assert "Traceback" not in fp32.stderr
+    else:
+        assert "precision fp32 (auto: this CPU has no bf16 instructions)" in r.stderr and "precision" not in settings
+        assert fp32.returncode == 0 and "skipped 4" in fp32.stderr
+    again = run_cli(*base, "--precision", "auto")
+    assert again.returncode == 0 and "done 0, skipped 4" in again.stderr
+    bad = run_cli(*base, "--precision", "fp16", "--overwrite", "--device", "cpu")
+    assert bad.returncode == 2 and "--precision fp16: runs on a CUDA GPU only" in bad.stderr

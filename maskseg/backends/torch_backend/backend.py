@@ -43,7 +43,7 @@ class TorchBackend:
 
         Done here rather than in ``load_model``, whose plain torchvision module training, inspection
         and export need. ``config.precision`` may be ``auto``: resolved here for this device."""
-        from ...precision import resolve_precision
+        from ...precision import bf16_hint, resolve_precision
         from .optimize import prepare_for_inference
 
         device = resolve_device(config.device)
@@ -65,6 +65,9 @@ class TorchBackend:
         loaded.extra["precision"] = precision.name
         log.info("inference rewrites: %s", "; ".join(applied) or "none")
         log.info("precision %s (%s)", precision.name, precision.reason)
+        hint = bf16_hint(precision, device.type)
+        if hint:
+            log.info(hint)
         return cls(loaded, release_memory=True, precision=precision.name)
 
     @property

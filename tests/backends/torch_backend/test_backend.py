@@ -1,4 +1,4 @@
-"""The torch backend: rewrites applied on load, fp32 only on the CPU, mixed precision on CUDA."""
+"""The torch backend: rewrites applied on load, what precision the CPU can run, mixed precision on CUDA."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from maskseg import precision as prec
 from maskseg.backends import load_backend
 from maskseg.backends.torch_backend import TorchBackend
 from maskseg.config import ModelConfig
@@ -18,9 +19,17 @@ from ...conftest import SAMPLES
 
 
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "int8"])
-def test_precision_other_than_fp32_is_refused_on_the_cpu(tiny_checkpoint, precision):
+def test_precision_the_cpu_cannot_run_is_refused(tiny_checkpoint, precision, monkeypatch):
+    monkeypatch.setattr(prec, "cpu_info", lambda: ("AMD EPYC 7B13", frozenset({"avx2"})))  # no bf16 instructions
     with pytest.raises(UsageError, match=f"--precision {precision}"):
         TorchBackend.load(ModelConfig(weights=str(tiny_checkpoint), device="cpu", precision=precision))
+
+
+def test_auto_on_a_cpu_without_bf16_runs_fp32(tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr(prec, "cpu_info", lambda: ("AMD EPYC 7B13", frozenset({"avx2"})))
+    backend = TorchBackend.load(ModelConfig(weights=str(tiny_checkpoint), device="cpu", precision="auto"))
+    assert backend.precision == backend.loaded.extra["precision"] == "fp32"
+    assert not any("bf16" in a for a in backend.loaded.extra["optimizations"])
 
 
 def test_load_applies_the_rewrites_and_returns_cpu_float_outputs(tiny_checkpoint):
