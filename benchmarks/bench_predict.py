@@ -11,6 +11,7 @@ because the machine may be shared. The CPU's model and its bf16/int8 flags are p
   loop-bf16  the same under ``torch.autocast("cpu", torch.bfloat16)`` (what a user would try); only on
              a CPU with bf16 instructions (elsewhere it is hundreds of times slower: the row says so)
   api        maskseg's Python API, ``maskseg.predict(...)``, fp32, the network's forward timed inside it
+  api-auto   the same with ``precision="auto"``
   cli        ``python -m maskseg predict ...`` as a user runs it, default precision
   cli-auto   the CLI with ``--precision auto`` (bf16 where the CPU runs it natively)
   ov         the CLI with ``--backend openvino`` on the ONNX export, OpenVINO's own precision choice
@@ -128,8 +129,8 @@ def role_loop(weights: str, images: list[str], out: str, bf16: bool = False) -> 
     return {"seconds": time.perf_counter() - t0}
 
 
-def role_api(weights: str, images: list[str], out: str) -> dict:
-    """``maskseg.predict`` in fp32; the network's forward (TorchBackend.infer) and model load timed inside."""
+def role_api(weights: str, images: list[str], out: str, precision: str = "fp32") -> dict:
+    """``maskseg.predict``; the network's forward (TorchBackend.infer) and model load timed inside."""
     from maskseg import ModelConfig, PredictConfig, predict
     from maskseg.backends import torch_backend
 
@@ -153,7 +154,7 @@ def role_api(weights: str, images: list[str], out: str) -> dict:
     torch_backend.TorchBackend.infer = timed_infer
     torch_backend.TorchBackend.load = classmethod(timed_load)
     config = PredictConfig(model=ModelConfig(weights=weights, device="cpu", score_thresh=SCORE_THRESH,
-                                             max_dets=MAX_DETS, precision="fp32"), writers=("coco", "results"))
+                                             max_dets=MAX_DETS, precision=precision), writers=("coco", "results"))
     t0 = time.perf_counter()
     summary = predict(images, out, config)
     total = time.perf_counter() - t0 - timed["load"]
@@ -205,6 +206,7 @@ VARIANTS: dict[str, tuple[str, str | list[str]]] = {
     "loop": ("hand-written loop, fp32", "loop"),
     "loop-bf16": ("loop, autocast bf16", "loop_bf16"),
     "api": ("maskseg.predict API, fp32", "api"),
+    "api-auto": ("maskseg.predict API, auto", "api_auto"),
     "cli": ("maskseg predict (default)", []),
     "cli-auto": ("maskseg --precision auto", ["--precision", "auto"]),
     "ov": ("OpenVINO, its default", ["--backend", "openvino", "--precision", "auto"]),
@@ -223,7 +225,8 @@ def run_variant(name: str, weights: str, onnx: str | None, images: list[str], ou
                "--device", "cpu", "--score-thresh", str(SCORE_THRESH), "--max-dets", str(MAX_DETS),
                "--threads", str(threads), "--writers", "coco,results", "--overwrite", *how]
     else:
-        role, extra = ("loop", ", bf16=True") if how == "loop_bf16" else (how, "")
+        variants = {"loop_bf16": ("loop", ", bf16=True"), "api_auto": ("api", ", precision='auto'")}
+        role, extra = variants.get(how, (how, ""))
         code = (f"import sys, json; sys.path.insert(0, {str(ROOT)!r}); "
                 f"import torch; torch.set_num_threads({threads}); "
                 f"from benchmarks.bench_predict import role_{role}; "
@@ -390,9 +393,11 @@ def main() -> None:
         print(f"{name + ': ' + VARIANTS[name][0]:27s} {_fmt(s_, 'f')} {_fmt(r_, 'x')} {_fmt(e_, 'f')} "
               f"{_fmt(re_, 'x')} {rss:11.0f} {_fmt(m_, 'x')}")
     outside = [1 - x["forward_seconds"] / x["seconds"] for x in runs.get("api", [])]
-    if outside:
-        print(f"\napi: share of in-run time outside the network's forward (decode, paste, RLE, JSON, journal): "
-              f"{100 * statistics.median(outside):.1f}% [{100 * min(outside):.1f}-{100 * max(outside):.1f}]")
+    for name in ("api", "api-auto"):
+        shares = [1 - x["forward_seconds"] / x["seconds"] for x in runs.get(name, [])]
+        if shares:
+            print(f"\n{name}: share of in-run time outside the network's forward (decode, paste, RLE, JSON, "
+                  f"journal): {100 * statistics.median(shares):.1f}% [{100 * min(shares):.1f}-{100 * max(shares):.1f}]")
     print("s/image: after imports and model load (the CLI: from its model-ready log line to exit); e2e: the "
           "whole process. Ratios are per round against the loop of that round (paired), speed as loop/variant, "
           "RSS as variant/loop; median [min-max] over rounds.")
