@@ -45,6 +45,56 @@ class ModelConfig:
     compile: bool = False  # torch.compile the torch backend's backbone (each new input size compiles once)
 
 
+# --tile auto: images whose long side passes AUTO_TILE_TRIGGER (twice torchvision's default max_size of
+# 1333: past it the model shrinks the image more than 2x and small objects fall under its smallest
+# anchors) are cut into AUTO_TILE_SIZE tiles; smaller images run whole.
+AUTO_TILE_SIZE = 1024
+AUTO_TILE_TRIGGER = 2 * 1333
+# --tile-full: the whole image, downscaled so its long side is this, runs beside the tiles.
+TILE_FULL_SIDE = 1333
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Sliced inference (``maskseg.tiling``).
+
+    ``size``: tile side in pixels; ``None`` runs every image whole; ``0`` is ``--tile auto`` (tiles of
+    ``AUTO_TILE_SIZE`` for images whose long side passes ``AUTO_TILE_TRIGGER``). ``overlap``: fraction of a
+    tile shared with its neighbour. ``full``: also run the whole image downscaled to ``TILE_FULL_SIDE``.
+    Merging: parts of one object cut by a tile edge are joined when their masks agree inside the shared
+    band (IoU >= ``join_iou``); duplicates merge when intersection over the smaller (``match_ios``) or
+    IoU (``match_iou``) reaches its threshold.
+    """
+
+    size: int | None = None
+    overlap: float = 0.2
+    full: bool = False
+    join_iou: float = 0.5
+    match_ios: float = 0.5
+    match_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size is not None and self.size != 0 and self.size < 32:
+            raise UsageError(f"--tile {self.size}: tiles must be at least 32 pixels, or auto")
+        if not 0.0 <= self.overlap < 0.9:
+            raise UsageError(f"--tile-overlap {self.overlap}: expected a fraction from 0 to 0.9")
+
+
+def parse_tile(text: str | None) -> int | None:
+    """``--tile``: a tile side in pixels, ``auto`` (0) or nothing (None: images run whole)."""
+    if text is None or text.strip().lower() in ("", "none", "off"):
+        return None
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 32:
+        raise UsageError(f"--tile {text}: expected a tile side of at least 32 pixels, or auto")
+    return value
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Where the model runs: ``local`` (this process) or ``ray`` (a Ray Data pipeline).
@@ -77,6 +127,7 @@ class PredictConfig:
     checkpoint_seconds: float = 300.0
     engine: EngineConfig = field(default_factory=EngineConfig)
     shard: tuple[int, int] | None = None  # (k, n): this run takes shard k of n (1-based), see --shard
+    tile: TileConfig = field(default_factory=TileConfig)
 
 
 @dataclass(frozen=True)

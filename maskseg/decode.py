@@ -104,6 +104,10 @@ def decode_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
 
     if not data:
         raise DecodeError(name, "empty file (0 bytes)")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        # Pillow's own bomb check (a process-wide setting) would refuse what --max-pixels allows: a
+        # larger --max-pixels is the user's explicit word, so Pillow's limit follows it (never lowered).
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:

@@ -65,6 +65,9 @@ def settings_of(config: PredictConfig) -> dict[str, Any]:
         settings["precision"] = m.precision
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
+    if config.tile.size is not None:  # tiled results differ from whole-image ones: recorded when tiling
+        t = config.tile
+        settings["tile"] = {"size": t.size or "auto", "overlap": t.overlap, "full": t.full}
     return settings
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger("maskseg")
 _D = cfg.PredictConfig()
 _M = cfg.ModelConfig()
 _E = cfg.EngineConfig()
+_T = cfg.TileConfig()
 
 
 def predict_command(
@@ -110,6 +111,18 @@ def predict_command(
     threads_per_worker: Annotated[int, typer.Option(
         min=1, metavar="N", rich_help_panel=RUN, help="--engine ray: torch threads per model worker.")
     ] = _E.threads_per_worker,
+    tile: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="PX|auto", rich_help_panel=RUN, show_default=False,
+        help=f"Sliced inference for large images: cut each image into PX x PX tiles run through the model like "
+             f"images, then merge the detections (objects cut by a tile edge are joined). auto: tiles of "
+             f"{cfg.AUTO_TILE_SIZE} for images whose long side passes {cfg.AUTO_TILE_TRIGGER} px.")] = None,
+    tile_overlap: Annotated[float, typer.Option(
+        min=0.0, max=0.9, metavar="F", rich_help_panel=RUN,
+        help="--tile: fraction of a tile shared with its neighbour.")] = _T.overlap,
+    tile_full: Annotated[bool, typer.Option(
+        metavar="", rich_help_panel=RUN,
+        help=f"--tile: also run the whole image downscaled to {cfg.TILE_FULL_SIDE} px, so objects larger than a "
+             "tile are found too.")] = _T.full,
     checkpoint_every: Annotated[float, typer.Option(
         min=0.0, metavar="SEC", rich_help_panel=RUN,
         help="Refresh predictions.json, results.json and failures.jsonl every this many seconds during a run "
@@ -140,6 +153,7 @@ def predict_command(
         classes=comma_list(classes), writers=comma_list(writers),
         decode_workers=workers if workers is not None and engine != "ray" else _D.decode_workers,
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
+        tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
     )
     progress = run_progress(quiet)
     stop = threading.Event()

@@ -11,6 +11,7 @@ from ..batching import Failure, auto_batch_size, batched, prefetch, segment_batc
 from ..config import PredictConfig
 from ..decode import DecodedImage, decode_image
 from ..sources import ImageRef
+from ..tiling import TiledSegmenter
 from .base import BatchResult, ModelInfo
 
 log = logging.getLogger(__name__)
@@ -33,6 +34,10 @@ class LocalEngine:
         backend = self.segmenter.backend
         if self.config.batch_size is None:
             self.batch_size = _batch_size_for(getattr(backend, "device", None))
+        if self.config.tile.size is not None and not isinstance(self.segmenter, TiledSegmenter):
+            # Tiles go through the same segmenter in batches of the batch size; an image's tiles stay
+            # together, so the engine below still sees (and journals) whole images.
+            self.segmenter = TiledSegmenter(self.segmenter, self.config.tile, batch_size=self.batch_size)
         return ModelInfo(backend.name, list(backend.categories))
 
     def run(self, refs: Sequence[ImageRef]) -> Iterator[BatchResult]:
