@@ -11,6 +11,8 @@ DEFAULT_WRITERS: tuple[str, ...] = ("coco", "results", "overlay")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
 )
+# Video containers among the inputs (told apart from images by their content when read; maskseg.video).
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm"})
 # Pillow's own decompression-bomb threshold: images above it are refused before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Files larger than this are not read into memory (a 90 MP PNG is well under it).
@@ -96,6 +98,21 @@ def parse_tile(text: str | None) -> int | None:
 
 
 @dataclass(frozen=True)
+class FrameSelect:
+    """Which frames of a video run (``maskseg.video``): every ``stride``-th, or (``fps`` set) about
+    ``fps`` per second of video time."""
+
+    stride: int = 1
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise UsageError(f"--frame-stride {self.stride}: expected a whole number of at least 1")
+        if self.fps is not None and self.fps <= 0:
+            raise UsageError(f"--fps {self.fps}: expected a positive number of frames per second")
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """Where the model runs: ``local`` (this process) or ``ray`` (a Ray Data pipeline).
 
@@ -128,6 +145,7 @@ class PredictConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     shard: tuple[int, int] | None = None  # (k, n): this run takes shard k of n (1-based), see --shard
     tile: TileConfig = field(default_factory=TileConfig)
+    frames: FrameSelect = field(default_factory=FrameSelect)
 
 
 @dataclass(frozen=True)

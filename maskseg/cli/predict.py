@@ -41,6 +41,7 @@ _D = cfg.PredictConfig()
 _M = cfg.ModelConfig()
 _E = cfg.EngineConfig()
 _T = cfg.TileConfig()
+_F = cfg.FrameSelect()
 
 
 def predict_command(
@@ -57,6 +58,13 @@ def predict_command(
         help="Take only shard K of N (1-based) of the inputs, split by a hash of each relative path, for job "
              "arrays; combine shard outputs with `maskseg merge`.")] = None,
     max_pixels: MaxPixels = _D.max_pixels,
+    frame_stride: Annotated[int, typer.Option(
+        min=1, metavar="N", rich_help_panel=INPUTS,
+        help="Videos (mp4, mkv, mov, avi, webm; pip install 'maskseg\\[video]'): segment every Nth frame.")
+    ] = _F.stride,
+    fps: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        min=0.001, metavar="F", rich_help_panel=INPUTS, show_default=False,
+        help="Videos: segment about F frames per second of video time (instead of --frame-stride).")] = None,
     model: Model = _M.name,
     weights: Weights = None,
     backend: Annotated[str, typer.Option(
@@ -154,6 +162,7 @@ def predict_command(
         decode_workers=workers if workers is not None and engine != "ray" else _D.decode_workers,
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
+        frames=cfg.FrameSelect(stride=frame_stride, fps=fps),
     )
     progress = run_progress(quiet)
     stop = threading.Event()

@@ -164,7 +164,7 @@ class RayEngine:
                           classes=self.config.classes)
         return ModelInfo(probe.backend.name, list(probe.backend.categories))
 
-    def run(self, refs: Sequence[ImageRef]) -> Iterator[BatchResult]:
+    def run(self, refs: Sequence[ImageRef], done: Any = None) -> Iterator[BatchResult]:  # done: videos, local only
         if not refs:
             return
         self._connect()
