@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, VIDEO_EXTENSIONS, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES
+from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES, VIDEO_EXTENSIONS
 from .errors import SourceError
 
 log = logging.getLogger(__name__)

@@ -129,9 +129,9 @@ def _declared_frames(container, stream) -> int:  # av containers and streams
         return int(stream.frames)
     rate = float(stream.average_rate or 0)
     if stream.duration is not None and stream.time_base is not None and rate:
-        return int(round(float(stream.duration * stream.time_base) * rate))
+        return round(float(stream.duration * stream.time_base) * rate)
     if container.duration and rate:
-        return int(round(container.duration / 1_000_000 * rate))
+        return round(container.duration / 1_000_000 * rate)
     return 0
 
 

@@ -110,7 +110,7 @@ def _detections(record: dict) -> Detections:
     masks = None
     if anns and all("segmentation" in a for a in anns):
         masks = []
-        for a, (x0, y0, x1, y1) in zip(anns, boxes, strict=True):
+        for a in anns:
             seg = a["segmentation"]
             full = mask_utils.decode({"size": seg["size"], "counts": seg["counts"].encode()}).astype(bool)
             ys, xs = np.nonzero(full)
