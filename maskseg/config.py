@@ -9,8 +9,12 @@ from .errors import UsageError
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 DEFAULT_WRITERS: tuple[str, ...] = ("coco", "results", "overlay")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".heic",
+     ".heif"}
 )
+# --uint16: how 16-bit (and 12-bit-in-16) pixels become 8-bit (maskseg.decode.to_uint8).
+UINT16_MODES: tuple[str, ...] = ("range", "shift", "percentile")
+DEFAULT_UINT16 = "range"
 # Video containers among the inputs (told apart from images by their content when read; maskseg.video).
 VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm"})
 # Pillow's own decompression-bomb threshold: images above it are refused before any pixel is decoded.
@@ -82,6 +86,14 @@ class TileConfig:
             raise UsageError(f"--tile-overlap {self.overlap}: expected a fraction from 0 to 0.9")
 
 
+def parse_uint16(text: str) -> str:
+    """``--uint16``: one of ``UINT16_MODES``."""
+    mode = text.strip().lower()
+    if mode not in UINT16_MODES:
+        raise UsageError(f"--uint16 {text}: expected one of {', '.join(UINT16_MODES)}")
+    return mode
+
+
 def parse_tile(text: str | None) -> int | None:
     """``--tile``: a tile side in pixels, ``auto`` (0) or nothing (None: images run whole)."""
     if text is None or text.strip().lower() in ("", "none", "off"):
@@ -146,6 +158,7 @@ class PredictConfig:
     shard: tuple[int, int] | None = None  # (k, n): this run takes shard k of n (1-based), see --shard
     tile: TileConfig = field(default_factory=TileConfig)
     frames: FrameSelect = field(default_factory=FrameSelect)
+    uint16: str = DEFAULT_UINT16
 
 
 @dataclass(frozen=True)

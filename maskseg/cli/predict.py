@@ -58,6 +58,11 @@ def predict_command(
         help="Take only shard K of N (1-based) of the inputs, split by a hash of each relative path, for job "
              "arrays; combine shard outputs with `maskseg merge`.")] = None,
     max_pixels: MaxPixels = _D.max_pixels,
+    uint16: Annotated[str, typer.Option(
+        metavar="MODE", rich_help_panel=INPUTS,
+        help="16-bit images to 8 bits: range (the top 8 bits of the bit depth the data uses: 12-bit data is "
+             "not darkened), shift (the top 8 of 16 bits) or percentile (0.5-99.5% stretched per image).")
+    ] = _D.uint16,
     frame_stride: Annotated[int, typer.Option(
         min=1, metavar="N", rich_help_panel=INPUTS,
         help="Videos (mp4, mkv, mov, avi, webm; pip install 'maskseg\\[video]'): segment every Nth frame.")
@@ -162,7 +167,7 @@ def predict_command(
         decode_workers=workers if workers is not None and engine != "ray" else _D.decode_workers,
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
-        frames=cfg.FrameSelect(stride=frame_stride, fps=fps),
+        frames=cfg.FrameSelect(stride=frame_stride, fps=fps), uint16=cfg.parse_uint16(uint16),
     )
     progress = run_progress(quiet)
     stop = threading.Event()

@@ -69,12 +69,12 @@ class LocalEngine:
                 run.append(ref)
                 continue
             if run:
-                yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels),
+                yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
                                     workers=config.decode_workers, depth=config.prefetch)
                 run = []
             yield from iter_frames(ref, select=config.frames, done=done, max_pixels=config.max_pixels)
         if run:
-            yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels),
+            yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
                                 workers=config.decode_workers, depth=config.prefetch)
 
     def _one_batch_ahead(self, batches: Iterator[tuple[list[DecodedImage], list[Failure]]]) -> Iterator[BatchResult]:
