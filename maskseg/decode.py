@@ -170,8 +170,9 @@ def to_uint8(arr: np.ndarray, mode: str = DEFAULT_UINT16) -> np.ndarray:
     12-bit data. ``range`` (the default): the top 8 bits *of the bit depth the data uses* (its largest
     value rounded up to 8, 10, 12, 14 or 16 bits): 12-bit data (x >> 4) fills the 8-bit range, data
     that uses all 16 bits comes out exactly as with ``shift``, and the scale steps only by whole bit
-    depths, so a dark image is not stretched like a bright one. ``percentile``: the 0.5th..99.5th percentiles stretched to
-    0..255 (contrast-stretched per image, like microscopy viewers; changes the look of ordinary photos).
+    depths, so a dark image is not stretched like a bright one. ``percentile``: the 0.5th..99.5th
+    percentiles stretched to 0..255 (contrast-stretched per image, like microscopy viewers; changes
+    the look of ordinary photos).
     """
     if mode == "shift":
         return (arr >> 8).astype(np.uint8)
