@@ -134,9 +134,9 @@ def run_measured(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProc
     return wall, usage.ru_maxrss / 1024, failed
 
 
-def evaluate(gt: Path, results: Path, out_json: Path) -> dict[str, float]:
+def evaluate(gt: Path, results: Path, out_json: Path, max_dets: int) -> dict[str, float]:
     r = subprocess.run([sys.executable, "-m", "maskseg", "eval", "--coco", str(gt), "--results", str(results),
-                        "--json", str(out_json)], capture_output=True, text=True)
+                        "--json", str(out_json), "--max-dets", str(max_dets)], capture_output=True, text=True)
     if r.returncode not in (0,):
         raise SystemExit(f"maskseg eval failed: {r.stderr[-2000:]}")
     metrics = json.loads(out_json.read_text())["metrics"]
@@ -223,7 +223,8 @@ def main() -> None:
         if failed is not None:
             print(f"{name}: exit {failed.returncode}\n{failed.stderr}")
             continue
-        ap_ = evaluate(gt, results, work / f"eval_{len(rows)}.json")
+        # COCOeval counts at most max_dets per image: room for every object (400 on the 20000 px canvas)
+        ap_ = evaluate(gt, results, work / f"eval_{len(rows)}.json", max(100, 3 * args.objects))
         rows.append((name, ap_.get("segm", float("nan")), ap_.get("bbox", float("nan")), wall / args.scenes, rss))
         print(f"  {name}: done in {wall:.0f} s", flush=True)
     print("| method | segm AP | bbox AP | s/image | peak RSS MiB |\n|---|---|---|---|---|")

@@ -159,6 +159,7 @@ class PredictConfig:
     tile: TileConfig = field(default_factory=TileConfig)
     frames: FrameSelect = field(default_factory=FrameSelect)
     uint16: str = DEFAULT_UINT16
+    tiff_pages: bool = False  # every page of a multi-page TIFF as its own image (maskseg.pages)
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,8 @@ def settings_of(config: PredictConfig) -> dict[str, Any]:
     if config.tile.size is not None:  # tiled results differ from whole-image ones: recorded when tiling
         t = config.tile
         settings["tile"] = {"size": t.size or "auto", "overlap": t.overlap, "full": t.full}
+    if config.tiff_pages:
+        settings["tiff_pages"] = True
     if config.uint16 != "range":  # 16-bit images look different under another mapping
         settings["uint16"] = config.uint16
     if config.frames != type(config.frames)():  # which video frames run: recorded when not every frame

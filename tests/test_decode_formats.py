@@ -68,3 +68,20 @@ def test_heic_is_decoded_when_pillow_heif_is_installed():
     rgb = decode_bytes(buf.getvalue(), "cat.heic")
     assert rgb.shape == (photo.height, photo.width, 3)
     assert np.abs(rgb.astype(int) - np.asarray(photo).astype(int)).mean() < 6
+
+
+def test_large_images_convert_by_strips_to_the_same_pixels(monkeypatch):
+    from PIL import Image
+
+    import maskseg.decode as decode
+
+    rng = np.random.default_rng(0)
+    for mode, fmt in (("RGB", "PNG"), ("L", "PNG"), ("P", "PNG"), ("CMYK", "TIFF")):
+        img = Image.fromarray((rng.random((300, 200, 3)) * 255).astype(np.uint8)).convert(mode)
+        buf = io.BytesIO()
+        img.save(buf, format=fmt)
+        want = np.array(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+        monkeypatch.setattr(decode, "STRIP_PIXELS", 1000)
+        got = decode.decode_bytes(buf.getvalue(), f"x.{fmt.lower()}")
+        monkeypatch.undo()
+        assert np.array_equal(got, want)

@@ -63,6 +63,10 @@ def predict_command(
         help="16-bit images to 8 bits: range (the top 8 bits of the bit depth the data uses: 12-bit data is "
              "not darkened), shift (the top 8 of 16 bits) or percentile (0.5-99.5% stretched per image).")
     ] = _D.uint16,
+    tiff_pages: Annotated[bool, typer.Option(
+        metavar="", rich_help_panel=INPUTS,
+        help="Segment every page of multi-page TIFFs as its own image (scan.tif/p0001, ...); default: the "
+             "first page.")] = _D.tiff_pages,
     frame_stride: Annotated[int, typer.Option(
         min=1, metavar="N", rich_help_panel=INPUTS,
         help="Videos (mp4, mkv, mov, avi, webm; pip install 'maskseg\\[video]'): segment every Nth frame.")
@@ -168,6 +172,7 @@ def predict_command(
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
         frames=cfg.FrameSelect(stride=frame_stride, fps=fps), uint16=cfg.parse_uint16(uint16),
+        tiff_pages=tiff_pages,
     )
     progress = run_progress(quiet)
     stop = threading.Event()

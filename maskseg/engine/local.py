@@ -10,6 +10,7 @@ from typing import Any
 from ..batching import Failure, auto_batch_size, batched, prefetch, segment_batch
 from ..config import PredictConfig
 from ..decode import DecodedImage, decode_image
+from ..pages import is_tiff_name, iter_pages
 from ..sources import ImageRef
 from ..tiling import TiledSegmenter
 from ..video import is_video_file, iter_frames
@@ -65,14 +66,18 @@ class LocalEngine:
         config = self.config
         run: list[ImageRef] = []
         for ref in refs:
-            if not is_video_file(ref.path):
+            pages = config.tiff_pages and is_tiff_name(ref.path)
+            if not pages and not is_video_file(ref.path):
                 run.append(ref)
                 continue
             if run:
                 yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
                                     workers=config.decode_workers, depth=config.prefetch)
                 run = []
-            yield from iter_frames(ref, select=config.frames, done=done, max_pixels=config.max_pixels)
+            if pages:
+                yield from iter_pages(ref, max_pixels=config.max_pixels, uint16=config.uint16, done=done)
+            else:
+                yield from iter_frames(ref, select=config.frames, done=done, max_pixels=config.max_pixels)
         if run:
             yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
                                 workers=config.decode_workers, depth=config.prefetch)
