@@ -167,6 +167,42 @@ def sahi_worker(folder: str, gt: str, out: str, tile: int, overlap: float) -> No
     Path(out).write_text(json.dumps(results, default=float))
 
 
+def _methods(args: argparse.Namespace, work: Path) -> list[tuple[str, object]]:
+    """(name, command maker) per method; a maker takes (scenes folder, gt.json, tag) -> argv."""
+    def maskseg(extra: list[str], name: str):
+        def cmd(scenes: Path, gt: Path, tag: str) -> list[str]:
+            size = json.loads(gt.read_text())["images"][0]["width"]
+            return [sys.executable, "-m", "maskseg", "predict", str(scenes), "--model", "demo", "--device", "cpu",
+                    "--score-thresh", str(SCORE), "--writers", "coco,results", "--workers", "0",
+                    "--max-pixels", str(size * size + 1), "--overwrite", "-q",
+                    "-o", str(work / f"{_slug(name)}-{tag}"), *extra]
+        return name, cmd
+
+    def sahi(scenes: Path, gt: Path, tag: str) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--sahi-worker", str(scenes), str(gt),
+                str(work / f"{_slug(sahi_name)}-{tag}.json"), str(args.tile), str(args.overlap)]
+
+    sahi_name = f"SAHI {args.tile} slices"
+    methods = []
+    if not args.no_whole:
+        methods.append(maskseg([], "maskseg, whole image"))
+    methods.append(maskseg(["--tile", str(args.tile), "--tile-overlap", str(args.overlap)],
+                           f"maskseg --tile {args.tile}"))
+    if not args.no_sahi:
+        methods.append((sahi_name, sahi))
+    return methods
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _results_of(work: Path, name: str, tag: str) -> Path:
+    if name.startswith("SAHI"):
+        return work / f"{_slug(name)}-{tag}.json"
+    return work / f"{_slug(name)}-{tag}" / "results.json"
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -203,38 +239,29 @@ def main() -> None:
     n_gt = len(json.loads(gt.read_text())["annotations"])
     print(f"# {args.scenes} scene(s) of {args.size}x{args.size}, {n_gt} objects (fruits_nuts x{args.object_scale}), "
           f"generated in {time.perf_counter() - t0:.0f} s; CPU: {cpu_model()}, {os.cpu_count()} cores")
-    pixels = args.size * args.size + 1
-    common = [sys.executable, "-m", "maskseg", "predict", str(scenes), "--model", "demo", "--device", "cpu",
-              "--score-thresh", str(SCORE), "--writers", "coco,results", "--workers", "0",
-              "--max-pixels", str(pixels), "--overwrite", "-q"]
-    runs = []
-    if not args.no_whole:
-        runs.append(("maskseg, whole image", [*common, "-o", str(work / "whole")], work / "whole" / "results.json"))
-    runs.append((f"maskseg --tile {args.tile}", [*common, "-o", str(work / "tiled"), "--tile", str(args.tile),
-                                                 "--tile-overlap", str(args.overlap)],
-                 work / "tiled" / "results.json"))
-    if not args.no_sahi:
-        runs.append((f"SAHI {args.tile} slices", [sys.executable, str(Path(__file__).resolve()), "--sahi-worker",
-                                                  str(scenes), str(gt), str(work / "sahi.json"), str(args.tile),
-                                                  str(args.overlap)], work / "sahi.json"))
+    tiny = make_scenes(work / "startup", 1, 128, 1, args.object_scale)  # a 128 px image: startup cost only
     rows = []
-    for name, cmd, results in runs:
-        wall, rss, failed = run_measured(cmd)
+    for name, make_cmd in _methods(args, work):
+        wall, rss, failed = run_measured(make_cmd(scenes, gt, "run"))
         if failed is not None:
             print(f"{name}: exit {failed.returncode}\n{failed.stderr}")
             continue
+        startup, _, _ = run_measured(make_cmd(tiny.parent, tiny, "startup"))
+        results = _results_of(work, name, "run")
         # COCOeval counts at most max_dets per image: room for every object (400 on the 20000 px canvas)
         ap_ = evaluate(gt, results, work / f"eval_{len(rows)}.json", max(100, 3 * args.objects))
-        rows.append((name, ap_.get("segm", float("nan")), ap_.get("bbox", float("nan")), wall / args.scenes, rss))
-        print(f"  {name}: done in {wall:.0f} s", flush=True)
-    print("| method | segm AP | bbox AP | s/image | peak RSS MiB |\n|---|---|---|---|---|")
-    for name, segm, bbox, spi, rss in rows:
-        print(f"| {name} | {segm:.3f} | {bbox:.3f} | {spi:.1f} | {rss:.0f} |")
+        rows.append((name, ap_.get("segm", float("nan")), ap_.get("bbox", float("nan")), wall / args.scenes,
+                     max(0.0, wall - startup) / args.scenes, rss))
+        print(f"  {name}: done in {wall:.0f} s (startup {startup:.0f} s)", flush=True)
+    print("| method | segm AP | bbox AP | s/image | s/image after startup | peak RSS MiB |\n"
+          "|---|---|---|---|---|---|")
+    for name, segm, bbox, spi, net, rss in rows:
+        print(f"| {name} | {segm:.3f} | {bbox:.3f} | {spi:.1f} | {net:.1f} | {rss:.0f} |")
     tiled = next((r for r in rows if r[0].startswith("maskseg --tile")), None)
     sahi = next((r for r in rows if r[0].startswith("SAHI")), None)
     if tiled and sahi:
-        print(f"maskseg --tile vs SAHI: segm AP {tiled[1]:.3f} vs {sahi[1]:.3f}, speed {sahi[3] / tiled[3]:.2f}x, "
-              f"peak RSS {tiled[4] / sahi[4]:.2f}x")
+        print(f"maskseg --tile vs SAHI: segm AP {tiled[1]:.3f} vs {sahi[1]:.3f}, speed {sahi[3] / tiled[3]:.2f}x "
+              f"({sahi[4] / max(tiled[4], 1e-9):.2f}x after startup), peak RSS {tiled[5] / sahi[5]:.2f}x")
     print(f"(outputs in {work})")
 
 
