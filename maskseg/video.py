@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 
@@ -28,20 +29,32 @@ def is_video_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in VIDEO_EXTENSIONS
 
 
+# ISO base media files that are still images (HEIC/HEIF, AVIF), told apart by the brand after "ftyp".
+_IMAGE_BRANDS = frozenset({b"heic", b"heix", b"hevc", b"hevx", b"heim", b"heis", b"mif1", b"msf1", b"avif", b"avis"})
+
+
 def looks_like_video(head: bytes) -> bool:
-    """Whether the first bytes of a file are a video container (MP4/MOV ``ftyp``, Matroska/WebM EBML,
-    AVI RIFF): videos are told by content, so a ``.mp4`` that holds a JPEG is decoded as an image."""
-    return (head[4:8] in (b"ftyp", b"moov", b"mdat", b"wide", b"free") or head[:4] == b"\x1a\x45\xdf\xa3"
+    """Whether the first bytes of a file are a video container (MP4/MOV ``ftyp`` other than HEIF/AVIF,
+    Matroska/WebM EBML, AVI RIFF): videos are told by content, so a ``.mp4`` that holds a JPEG is
+    decoded as an image."""
+    if head[4:8] == b"ftyp":
+        return head[8:12] not in _IMAGE_BRANDS
+    return (head[4:8] in (b"moov", b"mdat", b"wide", b"free") or head[:4] == b"\x1a\x45\xdf\xa3"
             or (head[:4] == b"RIFF" and head[8:12] == b"AVI "))
 
 
 def is_video_file(path: str) -> bool:
-    """Sniff ``path``'s first bytes (never blocks: refs are regular files)."""
+    """Sniff ``path``'s first bytes; never blocks (opened non-blocking, regular files only)."""
     try:
-        with open(path, "rb") as fh:
-            return looks_like_video(fh.read(16))
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError:
         return False
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and looks_like_video(os.read(fd, 16))
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def frame_name(rel_path: str, index: int) -> str:

@@ -65,6 +65,9 @@ def test_heic_is_decoded_when_pillow_heif_is_installed():
         pillow_heif.from_pillow(photo).save(buf, quality=95)
     except Exception as exc:  # a build of libheif without an encoder
         pytest.skip(f"pillow-heif cannot encode here: {exc}")
+    from maskseg.video import looks_like_video
+
+    assert not looks_like_video(buf.getvalue()[:16])  # an ISO media file, but an image: not sent to PyAV
     rgb = decode_bytes(buf.getvalue(), "cat.heic")
     assert rgb.shape == (photo.height, photo.width, 3)
     assert np.abs(rgb.astype(int) - np.asarray(photo).astype(int)).mean() < 6
