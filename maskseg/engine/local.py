@@ -62,25 +62,30 @@ class LocalEngine:
 
     def _decoded(self, refs: Sequence[ImageRef], done: Callable[[ImageRef], bool] | None
                  ) -> Iterator[DecodedImage | Failure]:
-        """Images decoded in worker threads ahead; videos (told by content) frame by frame in order."""
+        """Images decoded in worker threads ahead; a video (told by content), or a TIFF with
+        ``tiff_pages``, frame by frame or page by page in its place. Refs are looked at lazily, as
+        the decoders take them, so a run starts at once however many inputs it has."""
         config = self.config
-        run: list[ImageRef] = []
-        for ref in refs:
-            pages = config.tiff_pages and is_tiff_name(ref.path)
-            if not pages and not is_video_file(ref.path):
-                run.append(ref)
-                continue
-            if run:
-                yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
-                                    workers=config.decode_workers, depth=config.prefetch)
-                run = []
-            if pages:
+        refs_left = iter(refs)
+        special: list[ImageRef] = []
+
+        def plain() -> Iterator[ImageRef]:  # refs up to the next video (left in ``special``)
+            for ref in refs_left:
+                if (config.tiff_pages and is_tiff_name(ref.path)) or is_video_file(ref.path):
+                    special.append(ref)
+                    return
+                yield ref
+
+        while True:
+            yield from prefetch(plain(), lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
+                                workers=config.decode_workers, depth=config.prefetch)
+            if not special:
+                return
+            ref = special.pop()
+            if config.tiff_pages and is_tiff_name(ref.path):
                 yield from iter_pages(ref, max_pixels=config.max_pixels, uint16=config.uint16, done=done)
             else:
                 yield from iter_frames(ref, select=config.frames, done=done, max_pixels=config.max_pixels)
-        if run:
-            yield from prefetch(run, lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
-                                workers=config.decode_workers, depth=config.prefetch)
 
     def _one_batch_ahead(self, batches: Iterator[tuple[list[DecodedImage], list[Failure]]]) -> Iterator[BatchResult]:
         """The model thread runs only the network (``Segmenter.infer``) when the segmenter splits its work;
