@@ -82,7 +82,7 @@ class TileConfig:
     def __post_init__(self) -> None:
         if self.size is not None and self.size != 0 and self.size < 32:
             raise UsageError(f"--tile {self.size}: tiles must be at least 32 pixels, or auto")
-        if not 0.0 <= self.overlap < 0.9:
+        if not 0.0 <= self.overlap <= 0.9:
             raise UsageError(f"--tile-overlap {self.overlap}: expected a fraction from 0 to 0.9")
 
 
