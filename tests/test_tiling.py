@@ -193,6 +193,10 @@ def test_small_images_are_not_tiled_and_auto_tiles_only_large_ones():
     fake.seen.clear()
     TiledSegmenter(fake, TileConfig(size=0), batch_size=1)([rgb])
     assert fake.seen == [(100, 120)]
+    fake.seen.clear()
+    wide = np.zeros((100, 2800, 3), np.uint8)  # past auto's 2666 px: 1024 px tiles
+    TiledSegmenter(fake, TileConfig(size=0), batch_size=2)([wide])
+    assert fake.seen == [(100, 1024)] * 4
 
 
 def test_tile_full_adds_a_downscaled_pass_mapped_back():
