@@ -96,6 +96,8 @@ def make_scenes(folder: Path, n: int, size: int, objects: int, scale: float, see
             if rng.random() < 0.5:
                 patch, m = patch[:, ::-1], m[:, ::-1]
             h, w = m.shape
+            if w >= size or h >= size:
+                continue
             x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
             if any(x < bx1 + 8 and bx0 < x + w + 8 and y < by1 + 8 and by0 < y + h + 8 for bx0, by0, bx1, by1 in taken):
                 continue
@@ -238,8 +240,8 @@ def main() -> None:
     gt = make_scenes(scenes, args.scenes, args.size, args.objects, args.object_scale)
     n_gt = len(json.loads(gt.read_text())["annotations"])
     print(f"# {args.scenes} scene(s) of {args.size}x{args.size}, {n_gt} objects (fruits_nuts x{args.object_scale}), "
-          f"generated in {time.perf_counter() - t0:.0f} s; CPU: {cpu_model()}, {os.cpu_count()} cores")
-    tiny = make_scenes(work / "startup", 1, 128, 1, args.object_scale)  # a 128 px image: startup cost only
+          f"generated in {time.perf_counter() - t0:.0f} s; CPU: {cpu_model()}, {os.cpu_count()} cores", flush=True)
+    tiny = make_scenes(work / "startup", 1, 512, 1, args.object_scale)  # one 512 px image: startup cost
     rows = []
     for name, make_cmd in _methods(args, work):
         wall, rss, failed = run_measured(make_cmd(scenes, gt, "run"))
