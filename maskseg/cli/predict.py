@@ -64,15 +64,15 @@ def predict_command(
              "not darkened), shift (the top 8 of 16 bits) or percentile (0.5-99.5% stretched per image).")
     ] = _D.uint16,
     tiff_pages: Annotated[bool, typer.Option(
-        metavar="", rich_help_panel=INPUTS,
+        "--tiff-pages", metavar="", rich_help_panel=INPUTS,
         help="Segment every page of multi-page TIFFs as its own image (scan.tif/p0001, ...); default: the "
              "first page.")] = _D.tiff_pages,
     frame_stride: Annotated[int, typer.Option(
-        min=1, metavar="N", rich_help_panel=INPUTS,
+        metavar="N", rich_help_panel=INPUTS,
         help="Videos (mp4, mkv, mov, avi, webm; pip install 'maskseg\\[video]'): segment every Nth frame.")
     ] = _F.stride,
     fps: Annotated[Optional[float], typer.Option(  # noqa: UP045
-        min=0.001, metavar="F", rich_help_panel=INPUTS, show_default=False,
+        metavar="F", rich_help_panel=INPUTS, show_default=False,
         help="Videos: segment about F frames per second of video time (instead of --frame-stride).")] = None,
     model: Model = _M.name,
     weights: Weights = None,
@@ -134,10 +134,10 @@ def predict_command(
              f"images, then merge the detections (objects cut by a tile edge are joined). auto: tiles of "
              f"{cfg.AUTO_TILE_SIZE} for images whose long side passes {cfg.AUTO_TILE_TRIGGER} px.")] = None,
     tile_overlap: Annotated[float, typer.Option(
-        min=0.0, max=0.9, metavar="F", rich_help_panel=RUN,
-        help="--tile: fraction of a tile shared with its neighbour.")] = _T.overlap,
+        metavar="F", rich_help_panel=RUN,
+        help="--tile: fraction of a tile shared with its neighbour, 0 to 0.9.")] = _T.overlap,
     tile_full: Annotated[bool, typer.Option(
-        metavar="", rich_help_panel=RUN,
+        "--tile-full", metavar="", rich_help_panel=RUN,
         help=f"--tile: also run the whole image downscaled to {cfg.TILE_FULL_SIDE} px, so objects larger than a "
              "tile are found too.")] = _T.full,
     checkpoint_every: Annotated[float, typer.Option(
