@@ -26,6 +26,7 @@ from .journal import Journal, OutputLock, output_error
 from .outdir import categories_of, check_settings, checkpoint, clear_outputs, prepare_out_dir, record_run
 from .shard import shard_scan
 from .sources import ImageRef, SourceScan, scan_sources
+from .video import split_frame_name
 from .writers import ImageRecord, RunContext, Writer, load_writers
 
 log = logging.getLogger(__name__)
@@ -167,7 +168,7 @@ class _Run:
             w.open(context)
 
         last_checkpoint = time.monotonic()
-        results = engine.run(todo) if todo else iter(())
+        results = engine.run(todo, done=lambda r: journal.is_done(r, config.writers)) if todo else iter(())
         try:
             for step in results:
                 for f in step.failures:
@@ -217,11 +218,15 @@ class _Run:
                                                        decoded.size, decoded.mtime_ns))
                     return False
                 raise output_error(where, exc) from None
-        self.journal.add({
+        record = {
             "kind": "done", "image_id": image_id, "rel_path": ref.rel_path, "path": ref.path,
             "size": decoded.size, "mtime_ns": decoded.mtime_ns, "width": decoded.width, "height": decoded.height,
             "writers": list(self.config.writers), "detections": annotations,
-        })
+        }
+        frame = split_frame_name(ref.rel_path)
+        if frame is not None:  # a video frame: the COCO writer names its video and index
+            record["video"], record["frame_index"] = frame
+        self.journal.add(record)
         self.summary.done += 1
         self.summary.detections += len(dets)
         return True

@@ -9,8 +9,14 @@ from .errors import UsageError
 DEFAULT_MODEL = "maskrcnn_resnet50_fpn"
 DEFAULT_WRITERS: tuple[str, ...] = ("coco", "results", "overlay")
 IMAGE_EXTENSIONS: frozenset[str] = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm"}
+    {".jpg", ".jpeg", ".jpe", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm", ".pbm", ".heic",
+     ".heif"}
 )
+# --uint16: how 16-bit (and 12-bit-in-16) pixels become 8-bit (maskseg.decode.to_uint8).
+UINT16_MODES: tuple[str, ...] = ("range", "shift", "percentile")
+DEFAULT_UINT16 = "range"
+# Video containers among the inputs (told apart from images by their content when read; maskseg.video).
+VIDEO_EXTENSIONS: frozenset[str] = frozenset({".mp4", ".m4v", ".mkv", ".mov", ".avi", ".webm"})
 # Pillow's own decompression-bomb threshold: images above it are refused before any pixel is decoded.
 DEFAULT_MAX_PIXELS = 89_478_485
 # Files larger than this are not read into memory (a 90 MP PNG is well under it).
@@ -45,6 +51,79 @@ class ModelConfig:
     compile: bool = False  # torch.compile the torch backend's backbone (each new input size compiles once)
 
 
+# --tile auto: images whose long side passes AUTO_TILE_TRIGGER (twice torchvision's default max_size of
+# 1333: past it the model shrinks the image more than 2x and small objects fall under its smallest
+# anchors) are cut into AUTO_TILE_SIZE tiles; smaller images run whole.
+AUTO_TILE_SIZE = 1024
+AUTO_TILE_TRIGGER = 2 * 1333
+# --tile-full: the whole image, downscaled so its long side is this, runs beside the tiles.
+TILE_FULL_SIDE = 1333
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Sliced inference (``maskseg.tiling``).
+
+    ``size``: tile side in pixels; ``None`` runs every image whole; ``0`` is ``--tile auto`` (tiles of
+    ``AUTO_TILE_SIZE`` for images whose long side passes ``AUTO_TILE_TRIGGER``). ``overlap``: fraction of a
+    tile shared with its neighbour. ``full``: also run the whole image downscaled to ``TILE_FULL_SIDE``.
+    Merging: parts of one object cut by a tile edge are joined when their masks agree inside the shared
+    band (IoU >= ``join_iou``); duplicates merge when intersection over the smaller (``match_ios``) or
+    IoU (``match_iou``) reaches its threshold.
+    """
+
+    size: int | None = None
+    overlap: float = 0.2
+    full: bool = False
+    join_iou: float = 0.5
+    match_ios: float = 0.5
+    match_iou: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.size is not None and self.size != 0 and self.size < 32:
+            raise UsageError(f"--tile {self.size}: tiles must be at least 32 pixels, or auto")
+        if not 0.0 <= self.overlap <= 0.9:
+            raise UsageError(f"--tile-overlap {self.overlap}: expected a fraction from 0 to 0.9")
+
+
+def parse_uint16(text: str) -> str:
+    """``--uint16``: one of ``UINT16_MODES``."""
+    mode = text.strip().lower()
+    if mode not in UINT16_MODES:
+        raise UsageError(f"--uint16 {text}: expected one of {', '.join(UINT16_MODES)}")
+    return mode
+
+
+def parse_tile(text: str | None) -> int | None:
+    """``--tile``: a tile side in pixels, ``auto`` (0) or nothing (None: images run whole)."""
+    if text is None or text.strip().lower() in ("", "none", "off"):
+        return None
+    if text.strip().lower() == "auto":
+        return 0
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 32:
+        raise UsageError(f"--tile {text}: expected a tile side of at least 32 pixels, or auto")
+    return value
+
+
+@dataclass(frozen=True)
+class FrameSelect:
+    """Which frames of a video run (``maskseg.video``): every ``stride``-th, or (``fps`` set) about
+    ``fps`` per second of video time."""
+
+    stride: int = 1
+    fps: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.stride < 1:
+            raise UsageError(f"--frame-stride {self.stride}: expected a whole number of at least 1")
+        if self.fps is not None and self.fps <= 0:
+            raise UsageError(f"--fps {self.fps}: expected a positive number of frames per second")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Where the model runs: ``local`` (this process) or ``ray`` (a Ray Data pipeline).
@@ -77,6 +156,10 @@ class PredictConfig:
     checkpoint_seconds: float = 300.0
     engine: EngineConfig = field(default_factory=EngineConfig)
     shard: tuple[int, int] | None = None  # (k, n): this run takes shard k of n (1-based), see --shard
+    tile: TileConfig = field(default_factory=TileConfig)
+    frames: FrameSelect = field(default_factory=FrameSelect)
+    uint16: str = DEFAULT_UINT16
+    tiff_pages: bool = False  # every page of a multi-page TIFF as its own image (maskseg.pages)
 
 
 @dataclass(frozen=True)

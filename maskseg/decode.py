@@ -7,6 +7,7 @@ content from bytes we read ourselves (OpenCV's path functions can crash on non-U
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import stat
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DEFAULT_MAX_PIXELS, MAX_FILE_BYTES
+from .config import DEFAULT_MAX_PIXELS, DEFAULT_UINT16, MAX_FILE_BYTES, UINT16_MODES
 from .errors import DecodeError, UndecodableError
 from .sources import ImageRef
 
@@ -84,26 +85,37 @@ def read_file_bytes(path: str) -> tuple[bytes, os.stat_result]:
     return data, after
 
 
-def decode_image(ref: ImageRef, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> DecodedImage:
+def decode_image(ref: ImageRef, *, max_pixels: int = DEFAULT_MAX_PIXELS, uint16: str = DEFAULT_UINT16) -> DecodedImage:
     """Read and decode one image; see ``decode_bytes`` for the conversions."""
     data, st = read_file_bytes(ref.path)
     try:
-        rgb = decode_bytes(data, ref.path, max_pixels=max_pixels)
+        rgb = decode_bytes(data, ref.path, max_pixels=max_pixels, uint16=uint16)
     except DecodeError as exc:
         raise UndecodableError(ref.path, exc.reason, st.st_size, st.st_mtime_ns) from None
     return DecodedImage(ref, rgb, st.st_size, st.st_mtime_ns)
 
 
-def decode_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def decode_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 uint16: str = DEFAULT_UINT16) -> np.ndarray:
     """Decode image bytes by content into an upright [H, W, 3] uint8 RGB array.
 
-    The first frame of multi-frame files is used. 16-bit data keeps its top 8 bits; alpha is dropped;
-    gray, palette and CMYK are converted to RGB. ``name`` is only used in error messages.
+    The first frame of multi-frame files is used. 16-bit data (gray, RGB; 12-bit data stored in 16)
+    becomes 8-bit as ``uint16`` says (``to_uint8``); alpha is dropped; gray, palette and CMYK are
+    converted to RGB. HEIC/HEIF is read when pillow-heif is installed. ``name`` is only used in error
+    messages.
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    if uint16 not in UINT16_MODES:
+        raise ValueError(f"uint16={uint16!r}: expected one of {', '.join(UINT16_MODES)}")
+    _register_heif()
+
     if not data:
         raise DecodeError(name, "empty file (0 bytes)")
+    if max_pixels > (Image.MAX_IMAGE_PIXELS or 0):
+        # Pillow's own bomb check (a process-wide setting) would refuse what --max-pixels allows: a
+        # larger --max-pixels is the user's explicit word, so Pillow's limit follows it (never lowered).
+        Image.MAX_IMAGE_PIXELS = max_pixels
     try:
         img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError:
@@ -123,9 +135,12 @@ def decode_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
     if width < 1 or height < 1:
         raise DecodeError(name, f"image has no pixels ({width}x{height})")
     try:
+        if _is_rgb16(img):  # Pillow reads 16-bit colour as 8-bit (its top bits); OpenCV keeps all 16
+            return _rgb16(data, name, uint16)
         img.load()
-        img = ImageOps.exif_transpose(img) or img
-        return _to_rgb(img)
+        # in place: the default returns a copy even when there is nothing to turn (1.2 GB at 20000 x 20000)
+        img = ImageOps.exif_transpose(img, in_place=True) or img
+        return _to_rgb(img, uint16)
     except DecodeError:
         raise
     except Exception as exc:
@@ -135,15 +150,92 @@ def decode_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS
         raise DecodeError(name, f"cannot decode {img.format or 'image'}: {reason}") from None
 
 
-def _to_rgb(img) -> np.ndarray:  # img: PIL.Image.Image
+def _to_rgb(img, uint16: str = DEFAULT_UINT16) -> np.ndarray:  # img: PIL.Image.Image
     mode = img.mode
     if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
         arr = np.asarray(img)
         if mode == "F":
             gray = np.clip(arr, 0, 255).astype(np.uint8)
         else:
-            gray = (np.clip(arr.astype(np.int64), 0, 65535) >> 8).astype(np.uint8)
+            gray = to_uint8(np.clip(arr.astype(np.int64), 0, 65535).astype(np.uint16), uint16)
         return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.width * img.height > STRIP_PIXELS:
+        return _rgb_by_strips(img)
     if mode != "RGB":
         img = img.convert("RGB")
     return np.array(img, dtype=np.uint8, order="C")
+
+
+# Images above this many pixels are converted a strip at a time, so that decoding one needs the decoded
+# image and the array (2x its size), not also a converted copy and Pillow's bytes export (up to 4x).
+STRIP_PIXELS = 1 << 25
+
+
+def _rgb_by_strips(img) -> np.ndarray:  # img: PIL.Image.Image, loaded
+    width, height = img.size
+    out = np.empty((height, width, 3), np.uint8)
+    step = max(1, (1 << 22) // width)
+    for y in range(0, height, step):
+        strip = img.crop((0, y, width, min(height, y + step)))
+        if strip.mode != "RGB":
+            strip = strip.convert("RGB")
+        out[y : y + strip.height] = np.asarray(strip)
+    return out
+
+
+def image_to_rgb(img, uint16: str = DEFAULT_UINT16) -> np.ndarray:  # img: PIL.Image.Image
+    """A loaded Pillow image (one page or frame) as [H, W, 3] uint8 RGB (EXIF orientation not applied)."""
+    img.load()
+    return _to_rgb(img, uint16)
+
+
+def to_uint8(arr: np.ndarray, mode: str = DEFAULT_UINT16) -> np.ndarray:
+    """16-bit pixels (any shape, uint16) -> uint8.
+
+    ``shift``: the top 8 bits (x >> 8): right for data that uses all 16 bits, 1/16 as bright for
+    12-bit data. ``range`` (the default): the top 8 bits *of the bit depth the data uses* (its largest
+    value rounded up to 8, 10, 12, 14 or 16 bits): 12-bit data (x >> 4) fills the 8-bit range, data
+    that uses all 16 bits comes out exactly as with ``shift``, and the scale steps only by whole bit
+    depths, so a dark image is not stretched like a bright one. ``percentile``: the 0.5th..99.5th
+    percentiles stretched to 0..255 (contrast-stretched per image, like microscopy viewers; changes
+    the look of ordinary photos).
+    """
+    if mode == "shift":
+        return (arr >> 8).astype(np.uint8)
+    if mode == "range":
+        top = int(arr.max()) if arr.size else 0
+        bits = max(8, top.bit_length())
+        bits = min(16, bits + (bits % 2))  # 8, 10, 12, 14 or 16 bits
+        return (arr >> (bits - 8)).astype(np.uint8)
+    lo, hi = (np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0))
+    scale = 255.0 / max(float(hi) - float(lo), 1.0)
+    return np.clip((arr.astype(np.float32) - float(lo)) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def _is_rgb16(img) -> bool:  # img: PIL.Image.Image, not loaded
+    if img.mode not in ("RGB", "RGBA") or not img.tile:
+        return False
+    args = img.tile[0].args
+    raw = args[0] if isinstance(args, tuple) else args
+    return isinstance(raw, str) and ";16" in raw
+
+
+def _rgb16(data: bytes, name: str, uint16: str) -> np.ndarray:
+    """16-bit colour PNG/TIFF through OpenCV (BGR[A] uint16) -> RGB uint8 by ``uint16``."""
+    import cv2
+
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if arr is None or arr.ndim != 3 or arr.dtype != np.uint16:
+        raise DecodeError(name, "cannot decode its 16-bit colour data")
+    rgb = arr[:, :, 2::-1]  # BGR(A) -> RGB, alpha dropped
+    return np.ascontiguousarray(to_uint8(rgb, uint16))
+
+
+@functools.cache
+def _register_heif() -> None:
+    """Let Pillow open HEIC/HEIF (phone photos) when pillow-heif is installed; once per process."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return
+    register_heif_opener()

@@ -68,6 +68,15 @@ def settings_of(config: PredictConfig, *, precision: str | None = None) -> dict[
         settings["precision"] = precision
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
+    if config.tile.size is not None:  # tiled results differ from whole-image ones: recorded when tiling
+        t = config.tile
+        settings["tile"] = {"size": t.size or "auto", "overlap": t.overlap, "full": t.full}
+    if config.tiff_pages:
+        settings["tiff_pages"] = True
+    if config.uint16 != "range":  # 16-bit images look different under another mapping
+        settings["uint16"] = config.uint16
+    if config.frames != type(config.frames)():  # which video frames run: recorded when not every frame
+        settings["frames"] = {"stride": config.frames.stride, "fps": config.frames.fps}
     return settings
 
 

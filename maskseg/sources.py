@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any
 
-from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES
+from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES, VIDEO_EXTENSIONS
 from .errors import SourceError
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,9 @@ class _Found:
 
 
 def is_image_name(name: str) -> bool:
-    """True when ``name`` has an image extension (case-insensitive) and is not hidden."""
-    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    """True when ``name`` has an image or video extension (case-insensitive) and is not hidden."""
+    ext = os.path.splitext(name)[1].lower()
+    return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext in VIDEO_EXTENSIONS)
 
 
 def scan_sources(

@@ -41,6 +41,8 @@ log = logging.getLogger("maskseg")
 _D = cfg.PredictConfig()
 _M = cfg.ModelConfig()
 _E = cfg.EngineConfig()
+_T = cfg.TileConfig()
+_F = cfg.FrameSelect()
 
 
 def predict_command(
@@ -57,6 +59,22 @@ def predict_command(
         help="Take only shard K of N (1-based) of the inputs, split by a hash of each relative path, for job "
              "arrays; combine shard outputs with `maskseg merge`.")] = None,
     max_pixels: MaxPixels = _D.max_pixels,
+    uint16: Annotated[str, typer.Option(
+        metavar="MODE", rich_help_panel=INPUTS,
+        help="16-bit images to 8 bits: range (the top 8 bits of the bit depth the data uses: 12-bit data is "
+             "not darkened), shift (the top 8 of 16 bits) or percentile (0.5-99.5% stretched per image).")
+    ] = _D.uint16,
+    tiff_pages: Annotated[bool, typer.Option(
+        "--tiff-pages", metavar="", rich_help_panel=INPUTS,
+        help="Segment every page of multi-page TIFFs as its own image (scan.tif/p0001, ...); default: the "
+             "first page.")] = _D.tiff_pages,
+    frame_stride: Annotated[int, typer.Option(
+        metavar="N", rich_help_panel=INPUTS,
+        help="Videos (mp4, mkv, mov, avi, webm; pip install 'maskseg\\[video]'): segment every Nth frame.")
+    ] = _F.stride,
+    fps: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        metavar="F", rich_help_panel=INPUTS, show_default=False,
+        help="Videos: segment about F frames per second of video time (instead of --frame-stride).")] = None,
     model: Model = _M.name,
     weights: Weights = None,
     backend: Annotated[str, typer.Option(
@@ -108,6 +126,18 @@ def predict_command(
     threads_per_worker: Annotated[int, typer.Option(
         min=1, metavar="N", rich_help_panel=RUN, help="--engine ray: torch threads per model worker.")
     ] = _E.threads_per_worker,
+    tile: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        metavar="PX|auto", rich_help_panel=RUN, show_default=False,
+        help=f"Sliced inference for large images: cut each image into PX x PX tiles run through the model like "
+             f"images, then merge the detections (objects cut by a tile edge are joined). auto: tiles of "
+             f"{cfg.AUTO_TILE_SIZE} for images whose long side passes {cfg.AUTO_TILE_TRIGGER} px.")] = None,
+    tile_overlap: Annotated[float, typer.Option(
+        metavar="F", rich_help_panel=RUN,
+        help="--tile: fraction of a tile shared with its neighbour, 0 to 0.9.")] = _T.overlap,
+    tile_full: Annotated[bool, typer.Option(
+        "--tile-full", metavar="", rich_help_panel=RUN,
+        help=f"--tile: also run the whole image downscaled to {cfg.TILE_FULL_SIDE} px, so objects larger than a "
+             "tile are found too.")] = _T.full,
     checkpoint_every: Annotated[float, typer.Option(
         min=0.0, metavar="SEC", rich_help_panel=RUN,
         help="Refresh predictions.json, results.json and failures.jsonl every this many seconds during a run "
@@ -138,6 +168,9 @@ def predict_command(
         classes=comma_list(classes), writers=comma_list(writers),
         decode_workers=workers if workers is not None and engine != "ray" else _D.decode_workers,
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
+        tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
+        frames=cfg.FrameSelect(stride=frame_stride, fps=fps), uint16=cfg.parse_uint16(uint16),
+        tiff_pages=tiff_pages,
     )
     progress = run_progress(quiet)
     stop = threading.Event()

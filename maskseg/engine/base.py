@@ -8,7 +8,7 @@ both share: the protocol and the records they yield.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,6 +43,7 @@ class Engine(Protocol):
 
     def start(self) -> ModelInfo: ...
 
-    def run(self, refs: Sequence[ImageRef]) -> Iterator[BatchResult]: ...
+    def run(self, refs: Sequence[ImageRef], done: Callable[[ImageRef], bool] | None = None
+            ) -> Iterator[BatchResult]: ...
 
     def close(self) -> None: ...

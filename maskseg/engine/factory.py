@@ -14,6 +14,10 @@ def make_engine(config: PredictConfig) -> Engine:
     if name == "local":
         return LocalEngine(config)
     if name == "ray":
+        if config.tile.size is not None:
+            raise UsageError("--tile runs with --engine local only (the ray engine sends whole images to its workers)")
+        if config.tiff_pages:
+            raise UsageError("--tiff-pages runs with --engine local only (the ray engine decodes one image a file)")
         from .ray import RayEngine
 
         return RayEngine(config)

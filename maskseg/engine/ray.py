@@ -26,7 +26,7 @@ import numpy as np
 from .. import errors
 from ..batching import Failure, segment_batch
 from ..batching import decode_or_failure as attempt_decode  # the local engine's per-image decode: the same failures
-from ..config import ModelConfig, PredictConfig
+from ..config import DEFAULT_UINT16, ModelConfig, PredictConfig
 from ..decode import DecodedImage, decode_image
 from ..errors import MasksegError, UsageError
 from ..sources import ImageRef
@@ -59,7 +59,7 @@ def require_ray() -> Any:
     return ray
 
 
-def decode_rows(batch: dict[str, np.ndarray], *, max_pixels: int) -> dict[str, Any]:
+def decode_rows(batch: dict[str, np.ndarray], *, max_pixels: int, uint16: str = DEFAULT_UINT16) -> dict[str, Any]:
     """Ray Data task: rows ``idx``, ``path`` (file-system bytes) -> the same plus ``rgb`` ([H, W, 3]
     uint8; [0, 0, 3] on failure), ``size``, ``mtime_ns`` (of the bytes read; -1 when not read whole) and
     ``error`` (the reason as UTF-8 bytes, empty when decoded), as the local engine's decode gives them.
@@ -73,7 +73,7 @@ def decode_rows(batch: dict[str, np.ndarray], *, max_pixels: int) -> dict[str, A
     errors = np.full(n, b"", dtype=object)
     for i, raw in enumerate(batch["path"]):
         path = os.fsdecode(bytes(raw))
-        item = attempt_decode(lambda ref: decode_image(ref, max_pixels=max_pixels), _ref(path))
+        item = attempt_decode(lambda ref: decode_image(ref, max_pixels=max_pixels, uint16=uint16), _ref(path))
         if isinstance(item, Failure):
             rgbs.append(np.zeros((0, 0, 3), np.uint8))
             errors[i] = _encode(item.reason)
@@ -164,7 +164,7 @@ class RayEngine:
                           classes=self.config.classes)
         return ModelInfo(probe.backend.name, list(probe.backend.categories))
 
-    def run(self, refs: Sequence[ImageRef]) -> Iterator[BatchResult]:
+    def run(self, refs: Sequence[ImageRef], done: Any = None) -> Iterator[BatchResult]:  # done: videos, local only
         if not refs:
             return
         self._connect()
@@ -230,8 +230,8 @@ class RayEngine:
         # local engine's), and no progress bars of Ray Data's (the CLI draws its own).
         ds.context.execution_options.preserve_order = True
         ds.context.enable_progress_bars = False
-        ds = ds.map_batches(decode_rows, fn_kwargs={"max_pixels": config.max_pixels}, batch_size=1,
-                            batch_format="numpy", num_cpus=DECODE_CPUS)
+        ds = ds.map_batches(decode_rows, fn_kwargs={"max_pixels": config.max_pixels, "uint16": config.uint16},
+                            batch_size=1, batch_format="numpy", num_cpus=DECODE_CPUS)
         gpus = engine.gpus_per_worker
         return ds.map_batches(
             self.actor_cls,

@@ -57,10 +57,7 @@ class CocoWriter(_JournalJsonWriter):
         }
         categories = [{"id": c.id, "name": c.name, "supercategory": ""} for c in run.categories]
         fh.write(f'{{"info":{_dumps(info)},"licenses":[],"categories":{_dumps(categories)},\n"images":[\n'.encode())
-        self._chunks(fh, (
-            _dumps({"id": r["image_id"], "file_name": r["rel_path"], "width": r["width"], "height": r["height"]})
-            for r in run.journal.done_records()
-        ))
+        self._chunks(fh, (_dumps(_image_entry(r)) for r in run.journal.done_records()))
         fh.write(b'\n],\n"annotations":[\n')
         self._chunks(fh, self._annotations())
         fh.write(b"\n]}\n")
@@ -87,3 +84,13 @@ class ResultsWriter(_JournalJsonWriter):
             for d in rec["detections"]
         ))
         fh.write(b"\n]\n")
+
+
+def _image_entry(r: dict) -> dict:
+    """COCO ``images`` entry of a journal record; a video frame also names its ``video`` (the video's
+    relative path) and ``frame_index`` (0-based, in decode order)."""
+    entry = {"id": r["image_id"], "file_name": r["rel_path"], "width": r["width"], "height": r["height"]}
+    if "video" in r:
+        entry["video"] = r["video"]
+        entry["frame_index"] = r["frame_index"]
+    return entry

@@ -1,0 +1,271 @@
+"""Sliced inference on large images: maskseg --tile against no tiling and against SAHI, same weights.
+
+Generates a scene set: objects cut out of the fruits_nuts photos (tests/data/fruits_nuts, MIT licence,
+by their polygon annotations), scaled by ``--object-scale`` and pasted without overlap onto large plain
+canvases; the generator writes the COCO ground truth (RLE masks) as it pastes. Then, each in its own
+process (peak RSS from ``wait4``, wall time of the whole process including model loading):
+
+- ``maskseg predict`` without tiling (the model resizes each whole canvas to its max size),
+- ``maskseg predict --tile T`` (``--tile-overlap 0.2``),
+- SAHI ``get_sliced_prediction`` with slices of T, overlap 0.2, GREEDYNMM / IOS 0.5 (its defaults),
+  on the same torchvision module with the same weights (the bundled demo model) and score threshold,
+
+and ``maskseg eval`` gives each one's COCO segm and bbox AP against the ground truth. Usage:
+
+    python benchmarks/bench_tiles.py [--scenes 3] [--size 4096] [--objects 40] [--tile 1024]
+    python benchmarks/bench_tiles.py --scenes 1 --size 20000 --objects 400 --no-sahi   # the huge check
+
+The demo model was trained on all fruits_nuts photos but the last 20%: absolute AP is optimistic (the
+objects were seen in training); the comparison between methods is what the benchmark is for.
+Needs ``pip install 'maskseg[sahi]'`` for the SAHI column (``--no-sahi`` skips it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+FRUITS = ROOT / "tests" / "data" / "fruits_nuts"
+SCORE = 0.05  # COCO evaluation wants the low-score tail (EVAL_SCORE_THRESH)
+
+
+def cut_objects(scale: float) -> list[tuple[int, object, object]]:
+    """(category_id, BGR patch, bool mask) for every fruits_nuts annotation, resized by ``scale``."""
+    import cv2
+    import numpy as np
+    from pycocotools import mask as mask_utils
+
+    data = json.loads((FRUITS / "trainval.json").read_text())
+    files = {im["id"]: im for im in data["images"]}
+    photos: dict[int, np.ndarray] = {}
+    out = []
+    for ann in data["annotations"]:
+        im = files[ann["image_id"]]
+        if im["id"] not in photos:
+            photos[im["id"]] = cv2.imread(str(FRUITS / "images" / im["file_name"]))
+        photo = photos[im["id"]]
+        rle = mask_utils.merge(mask_utils.frPyObjects(ann["segmentation"], im["height"], im["width"]))
+        full = mask_utils.decode(rle).astype(bool)
+        ys, xs = np.nonzero(full)
+        if len(xs) < 50:
+            continue
+        x0, y0, x1, y1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+        patch, m = photo[y0:y1, x0:x1], full[y0:y1, x0:x1]
+        size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
+        patch = cv2.resize(patch, size, interpolation=cv2.INTER_LINEAR)
+        m = cv2.resize(m.astype(np.uint8), size, interpolation=cv2.INTER_NEAREST).astype(bool)
+        out.append((ann["category_id"], patch, m))
+    return out
+
+
+def make_scenes(folder: Path, n: int, size: int, objects: int, scale: float, seed: int = 0) -> Path:
+    """``n`` JPEG canvases of ``size`` x ``size`` with ``objects`` pasted objects each; returns gt.json."""
+    import cv2
+    import numpy as np
+
+    from maskseg.detections import BoxMask
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gt_path = folder / "gt.json"
+    if gt_path.exists():
+        return gt_path
+    rng = np.random.default_rng(seed)
+    cut = cut_objects(scale)
+    # The photos' own background colour (a light table), with a gentle gradient so the canvas is not flat.
+    base = np.array([196, 206, 214], np.float32)
+    images, anns = [], []
+    for k in range(n):
+        canvas = np.empty((size, size, 3), np.uint8)
+        ramp = np.linspace(-12, 12, size, dtype=np.float32)
+        for row in range(0, size, 1024):  # row bands, so a 20000 x 20000 canvas never needs a float copy
+            r = ramp[row : row + 1024, None, None] + ramp[None, :, None] * 0.5
+            canvas[row : row + 1024] = np.clip(base + r, 0, 255).astype(np.uint8)
+        taken: list[tuple[int, int, int, int]] = []
+        placed = tries = 0
+        while placed < objects and tries < objects * 50:
+            tries += 1
+            cat, patch, m = cut[int(rng.integers(len(cut)))]
+            if rng.random() < 0.5:
+                patch, m = patch[:, ::-1], m[:, ::-1]
+            h, w = m.shape
+            if w >= size or h >= size:
+                continue
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            if any(x < bx1 + 8 and bx0 < x + w + 8 and y < by1 + 8 and by0 < y + h + 8 for bx0, by0, bx1, by1 in taken):
+                continue
+            taken.append((x, y, x + w, y + h))
+            region = canvas[y : y + h, x : x + w]
+            region[m] = patch[m]
+            bm = BoxMask(x, y, np.ascontiguousarray(m), (size, size))
+            ys, xs = np.nonzero(m)
+            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": int(cat), "iscrowd": 0,
+                         "area": int(m.sum()), "segmentation": bm.rle(),
+                         "bbox": [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1),
+                                  int(ys.max() - ys.min() + 1)]})
+            placed += 1
+        name = f"scene{k:02d}.jpg"
+        cv2.imwrite(str(folder / name), canvas, [cv2.IMWRITE_JPEG_QUALITY, 92])
+        del canvas
+        images.append({"id": k + 1, "file_name": name, "height": size, "width": size})
+    cats = [{"id": 1, "name": "date"}, {"id": 2, "name": "fig"}, {"id": 3, "name": "hazelnut"}]
+    gt_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return gt_path
+
+
+def run_measured(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess | None]:
+    """Run ``cmd``; (wall seconds, peak RSS in MiB of that process, None on success or the failure)."""
+    t0 = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err,
+                                env=dict(os.environ, PYTHONWARNINGS="ignore"))
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        code = os.waitstatus_to_exitcode(status)
+        failed = None
+        if code != 0:
+            err.seek(0)
+            failed = subprocess.CompletedProcess(cmd, code, "", err.read().decode(errors="replace")[-3000:])
+    return wall, usage.ru_maxrss / 1024, failed
+
+
+def evaluate(gt: Path, results: Path, out_json: Path, max_dets: int) -> dict[str, float]:
+    r = subprocess.run([sys.executable, "-m", "maskseg", "eval", "--coco", str(gt), "--results", str(results),
+                        "--json", str(out_json), "--max-dets", str(max_dets)], capture_output=True, text=True)
+    if r.returncode not in (0,):
+        raise SystemExit(f"maskseg eval failed: {r.stderr[-2000:]}")
+    metrics = json.loads(out_json.read_text())["metrics"]
+    return {t: metrics[t]["stats"]["AP"]["value"] for t in ("segm", "bbox") if t in metrics}
+
+
+def sahi_worker(folder: str, gt: str, out: str, tile: int, overlap: float) -> None:
+    """In its own process: SAHI sliced prediction over the scenes with the demo model's torch module."""
+    import cv2
+    from sahi.models.torchvision import TorchVisionDetectionModel
+    from sahi.predict import get_sliced_prediction
+
+    from maskseg.config import ModelConfig
+    from maskseg.models import load_model
+
+    loaded = load_model(ModelConfig(name="demo", device="cpu", score_thresh=SCORE))
+    mapping = {str(c.label): c.name for c in loaded.categories}
+    model = TorchVisionDetectionModel(model=loaded.module, confidence_threshold=SCORE, category_mapping=mapping,
+                                      device="cpu", load_at_init=True)
+    results = []
+    for im in json.loads(Path(gt).read_text())["images"]:
+        rgb = cv2.cvtColor(cv2.imread(str(Path(folder) / im["file_name"])), cv2.COLOR_BGR2RGB)
+        pred = get_sliced_prediction(rgb, model, slice_height=tile, slice_width=tile, overlap_height_ratio=overlap,
+                                     overlap_width_ratio=overlap, perform_standard_pred=False, verbose=0)
+        for r in pred.to_coco_predictions(image_id=im["id"]):
+            r["category_id"] = int(r["category_id"])
+            results.append(r)
+    Path(out).write_text(json.dumps(results, default=float))
+
+
+def _methods(args: argparse.Namespace, work: Path) -> list[tuple[str, object]]:
+    """(name, command maker) per method; a maker takes (scenes folder, gt.json, tag) -> argv."""
+    def maskseg(extra: list[str], name: str):
+        def cmd(scenes: Path, gt: Path, tag: str) -> list[str]:
+            size = json.loads(gt.read_text())["images"][0]["width"]
+            return [sys.executable, "-m", "maskseg", "predict", str(scenes), "--model", "demo", "--device", "cpu",
+                    "--score-thresh", str(SCORE), "--writers", "coco,results", "--workers", "0",
+                    "--max-pixels", str(size * size + 1), "--overwrite", "-q",
+                    "-o", str(work / f"{_slug(name)}-{tag}"), *extra]
+        return name, cmd
+
+    def sahi(scenes: Path, gt: Path, tag: str) -> list[str]:
+        return [sys.executable, str(Path(__file__).resolve()), "--sahi-worker", str(scenes), str(gt),
+                str(work / f"{_slug(sahi_name)}-{tag}.json"), str(args.tile), str(args.overlap)]
+
+    sahi_name = f"SAHI {args.tile} slices"
+    methods = []
+    if not args.no_whole:
+        methods.append(maskseg([], "maskseg, whole image"))
+    methods.append(maskseg(["--tile", str(args.tile), "--tile-overlap", str(args.overlap)],
+                           f"maskseg --tile {args.tile}"))
+    if not args.no_sahi:
+        methods.append((sahi_name, sahi))
+    return methods
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name).strip("_")
+
+
+def _results_of(work: Path, name: str, tag: str) -> Path:
+    if name.startswith("SAHI"):
+        return work / f"{_slug(name)}-{tag}.json"
+    return work / f"{_slug(name)}-{tag}" / "results.json"
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--scenes", type=int, default=3)
+    ap.add_argument("--size", type=int, default=4096)
+    ap.add_argument("--objects", type=int, default=40)
+    ap.add_argument("--object-scale", type=float, default=1.5)
+    ap.add_argument("--tile", type=int, default=1024)
+    ap.add_argument("--overlap", type=float, default=0.2)
+    ap.add_argument("--no-sahi", action="store_true")
+    ap.add_argument("--no-whole", action="store_true", help="skip the run without tiling")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep scenes and outputs here (default: a temp dir)")
+    ap.add_argument("--sahi-worker", nargs=5, metavar=("FOLDER", "GT", "OUT", "TILE", "OVERLAP"),
+                    help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.sahi_worker:
+        folder, gt, out, tile, overlap = args.sahi_worker
+        sahi_worker(folder, gt, out, int(tile), float(overlap))
+        return
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_tiles_"))
+    scenes = work / f"scenes_{args.scenes}x{args.size}_{args.objects}_{args.object_scale}"
+    t0 = time.perf_counter()
+    gt = make_scenes(scenes, args.scenes, args.size, args.objects, args.object_scale)
+    n_gt = len(json.loads(gt.read_text())["annotations"])
+    print(f"# {args.scenes} scene(s) of {args.size}x{args.size}, {n_gt} objects (fruits_nuts x{args.object_scale}), "
+          f"generated in {time.perf_counter() - t0:.0f} s; CPU: {cpu_model()}, {os.cpu_count()} cores", flush=True)
+    tiny = make_scenes(work / "startup", 1, 512, 1, args.object_scale)  # one 512 px image: startup cost
+    rows = []
+    for name, make_cmd in _methods(args, work):
+        wall, rss, failed = run_measured(make_cmd(scenes, gt, "run"))
+        if failed is not None:
+            print(f"{name}: exit {failed.returncode}\n{failed.stderr}")
+            continue
+        startup, _, _ = run_measured(make_cmd(tiny.parent, tiny, "startup"))
+        results = _results_of(work, name, "run")
+        # COCOeval counts at most max_dets per image: room for every object (400 on the 20000 px canvas)
+        ap_ = evaluate(gt, results, work / f"eval_{len(rows)}.json", max(100, 3 * args.objects))
+        rows.append((name, ap_.get("segm", float("nan")), ap_.get("bbox", float("nan")), wall / args.scenes,
+                     max(0.0, wall - startup) / args.scenes, rss))
+        print(f"  {name}: done in {wall:.0f} s (startup {startup:.0f} s)", flush=True)
+    print("| method | segm AP | bbox AP | s/image | s/image after startup | peak RSS MiB |\n"
+          "|---|---|---|---|---|---|")
+    for name, segm, bbox, spi, net, rss in rows:
+        print(f"| {name} | {segm:.3f} | {bbox:.3f} | {spi:.1f} | {net:.1f} | {rss:.0f} |")
+    tiled = next((r for r in rows if r[0].startswith("maskseg --tile")), None)
+    sahi = next((r for r in rows if r[0].startswith("SAHI")), None)
+    if tiled and sahi:
+        print(f"maskseg --tile vs SAHI: segm AP {tiled[1]:.3f} vs {sahi[1]:.3f}, speed {sahi[3] / tiled[3]:.2f}x "
+              f"({sahi[4] / max(tiled[4], 1e-9):.2f}x after startup), peak RSS {tiled[5] / sahi[5]:.2f}x")
+    print(f"(outputs in {work})")
+
+
+if __name__ == "__main__":
+    main()
