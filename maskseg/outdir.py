@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FAILURES_FILE = "failures.jsonl"
-OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks")
+OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks",
+                 "predictions_polygons.json", "yolo", "labelstudio_tasks.json", "labelstudio_config.xml", "json")
 FAILURE_FIELDS = ("path", "rel_path", "reason", "size", "mtime_ns")
 
 
@@ -63,6 +64,8 @@ def settings_of(config: PredictConfig) -> dict[str, Any]:
         settings["labels"] = str(Path(m.labels).resolve()) if m.labels else None
     if m.precision != "fp32":  # mixed precision moves scores and masks slightly: not mixed with fp32 results
         settings["precision"] = m.precision
+    if config.agnostic_nms is not None:  # only when on: earlier run.json files (without the key) still match
+        settings["agnostic_nms"] = config.agnostic_nms
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
     return settings
