@@ -112,7 +112,7 @@ def test_segmenter_applies_agnostic_nms_only_when_asked():
 
     class Backend:
         name, device, num_classes = "fake", "cpu", 4
-        categories = [Category(1, 11, "date"), Category(2, 12, "fig"), Category(3, 13, "hazelnut")]
+        categories = (Category(1, 11, "date"), Category(2, 12, "fig"), Category(3, 13, "hazelnut"))
 
         def infer(self, images):
             return [raw for _ in images]

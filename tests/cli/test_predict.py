@@ -181,3 +181,15 @@ def test_torchvision_resnet50_state_dict_as_it_is(tmp_path):
     assert {c["id"] for c in cats} >= {90}  # 91-slot layout, never shifted
     assert all(a["category_id"] in coco.getCatIds() for a in coco.dataset["annotations"])
     assert len(coco.getAnnIds()) > 0
+
+
+def test_agnostic_nms_is_a_recorded_setting(images, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    photo = images / "sub" / "6.jpg"
+    r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco", "--agnostic-nms", "0")
+    assert r.returncode == 2 and "--agnostic-nms" in r.stderr
+    r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco", "--agnostic-nms", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "run.json").read_text())["settings"]["agnostic_nms"] == 0.5
+    r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco")
+    assert r.returncode == 2 and "agnostic_nms" in r.stderr

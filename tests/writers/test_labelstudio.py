@@ -55,6 +55,7 @@ def test_tasks_and_config(annotation_run):
         seg = anns[0]["segmentation"]
         x, y, w, h = mask_utils.toBbox({"size": seg["size"], "counts": seg["counts"].encode()}).tolist()
         assert abs(pts[:, 0].min() - x) <= 1 and abs(pts[:, 1].max() - (y + h)) <= 1
+        assert abs(pts[:, 0].max() - (x + w)) <= 1 and abs(pts[:, 1].min() - y) <= 1
 
 
 def test_local_files_url_relative_to_a_root(tmp_path):
