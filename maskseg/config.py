@@ -71,7 +71,7 @@ class WriterOptions:
 
     ``polygon_tolerance``: simplification in pixels of the polygon outputs (polygons, yolo, labelstudio).
     ``labelstudio_root``: the folder Label Studio's ``LOCAL_FILES_DOCUMENT_ROOT`` names; task image URLs
-    are paths relative to it (None: the inputs' common folder, so URLs are the relative paths).
+    are paths relative to it (None: the folder above the inputs' common folder).
     """
 
     polygon_tolerance: float = DEFAULT_POLYGON_TOLERANCE

@@ -91,7 +91,7 @@ def predict_command(
     labelstudio_root: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         metavar="DIR", rich_help_panel=OUTPUTS,
         help="labelstudio writer: Label Studio's LOCAL_FILES_DOCUMENT_ROOT; image URLs are paths relative to it "
-             "(default: the inputs' common folder).")] = None,
+             "(default: the folder above the inputs' common folder).")] = None,
     overwrite: Overwrite = _D.overwrite,
     device: Device = _M.device,
     precision: Annotated[str, typer.Option(

@@ -2,7 +2,8 @@
 
 The tasks file is a JSON list Label Studio imports as it is (Project -> Import): one task per image,
 ``data.image`` a local-files URL (``/data/local-files/?d=<path>``, the path relative to Label Studio's
-``LOCAL_FILES_DOCUMENT_ROOT``), and one prediction per task holding every detection as
+``LOCAL_FILES_DOCUMENT_ROOT``: ``--labelstudio-root``, by default the folder above the inputs' common
+folder), and one prediction per task holding every detection as
 ``polygonlabels`` regions in percent of the image size, with the model version and scores. The config
 is the labeling interface those regions belong to (``PolygonLabels name="label" toName="image"``).
 Both are rebuilt from the journal like ``predictions.json``: resumable, swapped in atomically.
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import PurePath, PurePosixPath
 from typing import IO
 from urllib.parse import quote
 from xml.sax.saxutils import quoteattr
@@ -27,9 +29,14 @@ FROM_NAME, TO_NAME = "label", "image"
 
 
 def local_files_url(path: str, rel_path: str, root: str | None) -> str:
-    """The URL Label Studio's local-files storage serves ``path`` from: ``rel_path`` when ``root`` is None
-    (the document root is the inputs' common folder), else ``path`` relative to ``root``."""
-    rel = rel_path if root is None else os.path.relpath(path, root).replace(os.sep, "/")
+    """The URL Label Studio's local-files storage serves ``path`` (absolute) from: ``path`` relative to
+    ``root`` (``LOCAL_FILES_DOCUMENT_ROOT``). None takes the folder above the inputs' common folder
+    (which ``rel_path`` is relative to): Label Studio wants a storage's folder strictly inside the
+    document root, so the common folder itself can then be the project's Local Files storage."""
+    if root is None:
+        common = PurePath(path).parents[len(PurePosixPath(rel_path).parts) - 1]
+        root = str(common.parent)
+    rel = os.path.relpath(path, root).replace(os.sep, "/")
     return "/data/local-files/?d=" + quote(rel, safe="/", errors="surrogateescape")
 
 

@@ -32,7 +32,8 @@ def test_tasks_and_config(annotation_run):
     assert len(tasks) == len(pred["images"])
     for task, im in zip(tasks, pred["images"], strict=True):
         url = urlparse(task["data"]["image"])
-        assert url.path == "/data/local-files/" and parse_qs(url.query)["d"] == [im["file_name"]]
+        # Relative to the folder above the inputs' common folder ("photos"), which can then be the storage.
+        assert url.path == "/data/local-files/" and parse_qs(url.query)["d"] == ["photos/" + im["file_name"]]
         [prediction] = task["predictions"]
         assert prediction["model_version"] == "small"
         anns = [a for a in pred["annotations"] if a["image_id"] == im["id"]]
@@ -59,8 +60,10 @@ def test_tasks_and_config(annotation_run):
 
 
 def test_local_files_url_relative_to_a_root(tmp_path):
-    assert local_files_url("/data/imgs/a b/x#1.jpg", "a b/x#1.jpg", None) == "/data/local-files/?d=a%20b/x%231.jpg"
-    assert local_files_url("/data/imgs/a/x.jpg", "a/x.jpg", "/data") == "/data/local-files/?d=imgs/a/x.jpg"
+    assert local_files_url("/data/imgs/a b/x#1.jpg", "a b/x#1.jpg", None) == \
+        "/data/local-files/?d=imgs/a%20b/x%231.jpg"
+    assert local_files_url("/data/imgs/x.jpg", "x.jpg", None) == "/data/local-files/?d=imgs/x.jpg"
+    assert local_files_url("/data/imgs/a/x.jpg", "a/x.jpg", "/") == "/data/local-files/?d=data/imgs/a/x.jpg"
 
 
 def test_label_studio_sdk_validates_tasks(annotation_run):
