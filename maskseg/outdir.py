@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes
-from .config import PredictConfig
+from .config import DEFAULT_POLYGON_TOLERANCE, PredictConfig
 from .detections import Category
 from .engine import ModelInfo
 from .errors import OutputError, UsageError
@@ -66,6 +66,8 @@ def settings_of(config: PredictConfig) -> dict[str, Any]:
         settings["precision"] = m.precision
     if config.agnostic_nms is not None:  # only when on: earlier run.json files (without the key) still match
         settings["agnostic_nms"] = config.agnostic_nms
+    if config.writer_options.polygon_tolerance != DEFAULT_POLYGON_TOLERANCE:  # per-image polygon files (yolo)
+        settings["polygon_tolerance"] = config.writer_options.polygon_tolerance  # must not mix two tolerances
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
     return settings

@@ -138,3 +138,11 @@ def test_demo_polygons_agree_with_masks(tmp_path):
         inter = mask_utils.area(mask_utils.merge([ref, drawn], intersect=True))
         ious.append(inter / mask_utils.area(mask_utils.merge([ref, drawn])))
     assert np.mean(ious) >= 0.97 and np.percentile(ious, 10) >= 0.95
+
+
+def test_tolerance_is_a_setting_of_out(tmp_path):
+    from maskseg.config import PredictConfig, WriterOptions
+    from maskseg.outdir import settings_of
+
+    assert "polygon_tolerance" not in settings_of(PredictConfig())  # earlier run.json files still match
+    assert settings_of(PredictConfig(writer_options=WriterOptions(polygon_tolerance=0)))["polygon_tolerance"] == 0
