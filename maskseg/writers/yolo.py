@@ -22,7 +22,7 @@ import numpy as np
 
 from ..atomic import TEMP_MARK, atomic_write_bytes
 from ..detections import Detections
-from .base import BaseWriter, ImageRecord
+from .base import BaseWriter, ImageRecord, RunContext
 from .shapes import join_parts, mask_polygons
 
 DATA_YAML = "data.yaml"
@@ -55,7 +55,7 @@ class YoloWriter(BaseWriter):
     joined by zero-width bridges (as Ultralytics' COCO converter does); a detection with an empty mask
     has no polygon and no line; box-only models write Ultralytics' detection lines (class cx cy w h)."""
 
-    def open(self, run) -> None:
+    def open(self, run: RunContext) -> None:
         super().open(run)
         self.index = {c.id: k for k, c in enumerate(sorted(run.categories, key=lambda c: c.id))}
 
