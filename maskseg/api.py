@@ -161,7 +161,8 @@ class _Run:
         engine = make_engine(config)
         if todo:
             run_file = record_run(self.out, run_file, engine.start())
-        context = RunContext(self.out, journal, categories_of(run_file), run_file.get("model_name", config.model.name))
+        context = RunContext(self.out, journal, categories_of(run_file), run_file.get("model_name", config.model.name),
+                             options=config.writer_options)
         context.changed = journal.appended > 0 or journal.has_pending or summary.failed > 0
         self.context = context
         for w in self.writers:

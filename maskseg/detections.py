@@ -93,6 +93,55 @@ class BoxMask:
         rle = mask_utils.frPyObjects({"size": [height, width], "counts": self.rle_counts()}, height, width)
         return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 
+    @classmethod
+    def from_rle(cls, rle: dict) -> BoxMask:
+        """The inverse of ``rle``: a COCO RLE (compressed string or counts list) as a BoxMask over the
+        mask's own extent (its pixels' bounding box).
+
+        Decoded in memory proportional to the columns the mask spans (image height x mask width):
+        pycocotools' ``decode`` only gives a full-image array per mask.
+        """
+        height, width = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        counts = rle_string_counts(counts) if isinstance(counts, (str, bytes)) else [int(c) for c in counts]
+        ends = np.cumsum(np.asarray(counts, dtype=np.int64))
+        starts_fg, ends_fg = ends[0:-1:2], ends[1::2]  # runs alternate background, foreground
+        keep = ends_fg > starts_fg
+        starts_fg, ends_fg = starts_fg[keep], ends_fg[keep]
+        if not len(starts_fg):
+            return cls(0, 0, np.zeros((0, 0), bool), (height, width))
+        col0, col1 = int(starts_fg[0] // height), int((ends_fg[-1] - 1) // height) + 1
+        base = col0 * height
+        delta = np.zeros((col1 - col0) * height + 1, dtype=np.int32)
+        np.add.at(delta, starts_fg - base, 1)
+        np.add.at(delta, ends_fg - base, -1)
+        strip = np.cumsum(delta[:-1]).astype(bool).reshape(col1 - col0, height).T  # [H, columns]
+        rows = np.flatnonzero(strip.any(axis=1))
+        y0, y1 = int(rows[0]), int(rows[-1]) + 1
+        return cls(col0, y0, np.ascontiguousarray(strip[y0:y1]), (height, width))
+
+
+def rle_string_counts(text: str | bytes) -> list[int]:
+    """COCO's compressed RLE string -> its counts list (pycocotools' ``rleFrString``, which it does not
+    expose to Python)."""
+    data = text.encode("ascii") if isinstance(text, str) else text
+    counts: list[int] = []
+    p = 0
+    while p < len(data):
+        x, k, more = 0, 0, True
+        while more:
+            c = data[p] - 48
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(counts) > 2:
+            x += counts[-2]
+        counts.append(x)
+    return counts
+
 
 @dataclass(frozen=True)
 class Detections:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write_bytes
-from .config import PredictConfig
+from .config import DEFAULT_POLYGON_TOLERANCE, PredictConfig
 from .detections import Category
 from .engine import ModelInfo
 from .errors import OutputError, UsageError
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FAILURES_FILE = "failures.jsonl"
-OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks")
+OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks",
+                 "predictions_polygons.json", "yolo", "labelstudio_tasks.json", "labelstudio_config.xml", "json")
 FAILURE_FIELDS = ("path", "rel_path", "reason", "size", "mtime_ns")
 
 
@@ -66,6 +67,10 @@ def settings_of(config: PredictConfig, *, precision: str | None = None) -> dict[
         settings["labels"] = str(Path(m.labels).resolve()) if m.labels else None
     if precision != "fp32":  # bf16/fp16 move scores and masks slightly: not mixed with fp32 results
         settings["precision"] = precision
+    if config.agnostic_nms is not None:  # only when on: earlier run.json files (without the key) still match
+        settings["agnostic_nms"] = config.agnostic_nms
+    if config.writer_options.polygon_tolerance != DEFAULT_POLYGON_TOLERANCE:  # per-image polygon files (yolo)
+        settings["polygon_tolerance"] = config.writer_options.polygon_tolerance  # must not mix two tolerances
     if config.shard is not None:  # only when sharded: a plain run's run.json (and a merged one) has no key
         settings["shard"] = f"{config.shard[0]}/{config.shard[1]}"
     if config.tile.size is not None:  # tiled results differ from whole-image ones: recorded when tiling

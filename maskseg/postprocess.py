@@ -172,6 +172,53 @@ def to_detections(
     return raw_to_detections(converted, original_size, mask_thresh=mask_thresh, keep_labels=keep_labels)
 
 
+def mask_iou(a: BoxMask, b: BoxMask) -> float:
+    """IoU of two box-local masks, computed on the intersection of their boxes only (no full-image arrays)."""
+    (ah, aw), (bh, bw) = a.bitmap.shape, b.bitmap.shape
+    x0, y0 = max(a.x0, b.x0), max(a.y0, b.y0)
+    x1, y1 = min(a.x0 + aw, b.x0 + bw), min(a.y0 + ah, b.y0 + bh)
+    inter = 0
+    if x1 > x0 and y1 > y0:
+        inter = int(np.count_nonzero(a.bitmap[y0 - a.y0 : y1 - a.y0, x0 - a.x0 : x1 - a.x0]
+                                     & b.bitmap[y0 - b.y0 : y1 - b.y0, x0 - b.x0 : x1 - b.x0]))
+    union = a.area + b.area - inter
+    return inter / union if union else 0.0
+
+
+def agnostic_nms(dets: Detections, iou_thresh: float) -> Detections:
+    """Drop every detection whose mask overlaps a kept, higher-scoring detection of another class by
+    mask IoU >= ``iou_thresh`` (box IoU for box-only models); same-class overlaps are the model's NMS's
+    business and are left as they are. Greedy in score order, like torchvision's ``batched_nms``."""
+    n = len(dets)
+    if n < 2:
+        return dets
+    order = np.argsort(-dets.scores, kind="stable")
+    kept: list[int] = []
+    for i in order.tolist():
+        for j in kept:
+            if dets.labels[j] == dets.labels[i]:
+                continue
+            if dets.masks is not None:
+                overlap = mask_iou(dets.masks[i], dets.masks[j])
+            else:
+                overlap = _box_iou(dets.boxes[i], dets.boxes[j])
+            if overlap >= iou_thresh:
+                break
+        else:
+            kept.append(i)
+    if len(kept) == n:
+        return dets
+    return dets[np.sort(np.array(kept, dtype=np.int64))]
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    w = max(0.0, float(min(a[2], b[2]) - max(a[0], b[0])))
+    h = max(0.0, float(min(a[3], b[3]) - max(a[1], b[1])))
+    inter = w * h
+    union = float((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1])) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def torch_isin(labels: Any, allowed: set[int]) -> Any:
     """Bool mask of ``labels`` (int64 tensor) that are in ``allowed``."""
     import torch

@@ -17,7 +17,7 @@ from .config import ModelConfig
 from .detections import Detections
 from .errors import UsageError
 from .models import LoadedModel
-from .postprocess import raw_to_detections
+from .postprocess import agnostic_nms, raw_to_detections
 
 
 class Segmenter:
@@ -36,6 +36,7 @@ class Segmenter:
         classes: Sequence[str] = (),
         loaded: LoadedModel | None = None,
         backend: Backend | None = None,
+        agnostic_nms: float | None = None,
     ) -> None:
         if backend is None and loaded is not None:
             from .backends.torch_backend import TorchBackend
@@ -43,6 +44,7 @@ class Segmenter:
             backend = TorchBackend(loaded)
         self.backend: Backend = backend if backend is not None else load_backend(model or ModelConfig())
         self.mask_thresh = mask_thresh
+        self.agnostic_nms = agnostic_nms
         self.keep_labels = self._labels_for(classes)
         self._ids = {c.label: c.id for c in self.backend.categories}
 
@@ -82,9 +84,12 @@ class Segmenter:
 
     def finish(self, raw: RawDetections, rgb: np.ndarray) -> Detections:
         """The CPU's part of ``__call__`` for one image: classes filtered, masks pasted inside their
-        boxes, model labels mapped to category ids."""
+        boxes, cross-class overlaps dropped (when ``agnostic_nms`` is set), model labels mapped to
+        category ids."""
         dets = raw_to_detections(raw, (int(rgb.shape[0]), int(rgb.shape[1])), mask_thresh=self.mask_thresh,
                                  keep_labels=self.keep_labels)
+        if self.agnostic_nms is not None:
+            dets = agnostic_nms(dets, self.agnostic_nms)
         return self.to_category_ids(dets)
 
     def to_category_ids(self, dets: Detections) -> Detections:

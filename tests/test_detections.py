@@ -77,3 +77,27 @@ def test_to_coco_records():
     decoded = mask_utils.decode({"size": rec["segmentation"]["size"],
                                  "counts": rec["segmentation"]["counts"].encode()})
     assert decoded.shape == (10, 10) and decoded.sum() == 6
+
+
+def test_from_rle_inverts_rle_over_the_masks_own_extent():
+    """``BoxMask.from_rle`` decodes pycocotools' RLE (string or counts) to the same pixels, stored over the
+    mask's extent only; an empty RLE gives an empty mask."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        h, w = (int(v) for v in rng.integers(1, 40, 2))
+        full = np.zeros((h, w), bool)
+        y, x = int(rng.integers(0, h)), int(rng.integers(0, w))
+        full[y : y + int(rng.integers(1, 20)), x : x + int(rng.integers(1, 20))] = True
+        full &= rng.random((h, w)) < 0.7
+        enc = mask_utils.encode(np.asfortranarray(full.astype(np.uint8)))
+        for rle in ({"size": [h, w], "counts": enc["counts"].decode()}, {"size": [h, w], "counts": enc["counts"]}):
+            m = BoxMask.from_rle(rle)
+            assert np.array_equal(m.full(), full)
+            if full.any():
+                ys, xs = np.nonzero(full)
+                assert (m.y0, m.x0, m.bitmap.shape) == (ys.min(), xs.min(), (np.ptp(ys) + 1, np.ptp(xs) + 1))
+                assert m.rle() == {"size": [h, w], "counts": enc["counts"].decode()}
+            else:
+                assert m.area == 0
+    counts = BoxMask(1, 2, np.ones((2, 3), bool), (5, 6)).rle_counts()
+    assert BoxMask.from_rle({"size": [5, 6], "counts": counts}).full().sum() == 6

@@ -43,6 +43,7 @@ _M = cfg.ModelConfig()
 _E = cfg.EngineConfig()
 _T = cfg.TileConfig()
 _F = cfg.FrameSelect()
+_W = cfg.WriterOptions()
 
 
 def predict_command(
@@ -92,12 +93,24 @@ def predict_command(
     classes: Annotated[Optional[str], typer.Option(  # noqa: UP045
         metavar="NAMES", rich_help_panel=THRESHOLDS,
         help="Keep only these class names, comma-separated (e.g. 'person,dog').")] = None,
+    agnostic_nms: Annotated[Optional[float], typer.Option(  # noqa: UP045
+        min=0.0, max=1.0, metavar="IOU", rich_help_panel=THRESHOLDS,
+        help="Drop a detection whose mask overlaps a higher-scoring one of another class by mask IoU >= IOU "
+             "(default: off, outputs as the model gives them).")] = _D.agnostic_nms,
     out: Annotated[Path, typer.Option(
         "-o", "--out", metavar="DIR", rich_help_panel=OUTPUTS,
         help="Output folder (created; reruns resume in it).")] = Path("out"),
     writers: Annotated[str, typer.Option(
         metavar="NAMES", rich_help_panel=OUTPUTS,
         help="Writers to run, comma-separated (see `maskseg writers`).")] = ",".join(_D.writers),
+    polygon_tolerance: Annotated[float, typer.Option(
+        min=0.0, metavar="PX", rich_help_panel=OUTPUTS,
+        help="Simplify the polygons of the polygons, yolo and labelstudio writers by this distance in pixels "
+             "(0: exact pixel outlines).")] = _W.polygon_tolerance,
+    labelstudio_root: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        metavar="DIR", rich_help_panel=OUTPUTS,
+        help="labelstudio writer: Label Studio's LOCAL_FILES_DOCUMENT_ROOT; image URLs are paths relative to it "
+             "(default: the folder above the inputs' common folder).")] = None,
     overwrite: Overwrite = _D.overwrite,
     device: Device = _M.device,
     precision: Precision = _M.precision,
@@ -147,7 +160,9 @@ def predict_command(
 ) -> None:
     """Segment images into OUT; reruns skip finished images and pick up new ones.
 
-    OUT gets predictions.json (COCO dataset), results.json (COCO results), overlays/, masks/ and failures.jsonl.
+    OUT gets predictions.json (COCO dataset), results.json (COCO results), overlays/, masks/ and failures.jsonl;
+    polygons, yolo, labelstudio and json writers add predictions_polygons.json, yolo/, labelstudio_tasks.json
+    and json/.
     """
     from .progress import install_stop_handlers, run_progress, setup_logging
 
@@ -155,6 +170,8 @@ def predict_command(
     sources = list(inputs or []) + [f"@{p}" for p in (list_file or [])]
     if not sources:
         raise typer.BadParameter("give at least one INPUT (folder, file, glob, @list or -)", param_hint="INPUTS")
+    if agnostic_nms is not None and agnostic_nms <= 0:
+        raise typer.BadParameter("expected a mask IoU above 0 and at most 1", param_hint="--agnostic-nms")
     engine_config = replace(_E, name=engine, address=ray_address, gpus_per_worker=gpus_per_worker,
                             threads_per_worker=threads_per_worker,
                             workers=workers if workers is not None and engine == "ray" else _E.workers)
@@ -171,6 +188,9 @@ def predict_command(
         tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
         frames=cfg.FrameSelect(stride=frame_stride, fps=fps), uint16=cfg.parse_uint16(uint16),
         tiff_pages=tiff_pages,
+        writer_options=replace(_W, polygon_tolerance=polygon_tolerance,
+                               labelstudio_root=str(labelstudio_root.resolve()) if labelstudio_root else None),
+        agnostic_nms=agnostic_nms,
     )
     progress = run_progress(quiet)
     stop = threading.Event()

@@ -67,8 +67,13 @@ def train_command(
         metavar="ANN", rich_help_panel=INPUTS, help="COCO instances JSON to train on.")] = None,
     images: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         metavar="DIR", rich_help_panel=INPUTS, help="Folder the file_names of --coco are relative to.")] = None,
+    yolo: Annotated[Optional[Path], typer.Option(  # noqa: UP045
+        metavar="DATA.yaml", rich_help_panel=INPUTS,
+        help="Instead of --coco/--images: an Ultralytics YOLO-seg dataset (its train split), e.g. the yolo "
+             "writer's OUT/yolo/data.yaml.")] = None,
     val_coco: Annotated[Optional[Path], typer.Option(  # noqa: UP045
-        metavar="ANN", rich_help_panel=INPUTS, help="COCO JSON to validate on (AP after each epoch).")] = None,
+        metavar="ANN", rich_help_panel=INPUTS,
+        help="COCO JSON (or YOLO data.yaml) to validate on (AP after each epoch).")] = None,
     val_images: Annotated[Optional[Path], typer.Option(  # noqa: UP045
         metavar="DIR", rich_help_panel=INPUTS, help="Images of --val-coco (default: --images).")] = None,
     val_split: Annotated[float, typer.Option(
@@ -178,6 +183,16 @@ def train_command(
             summary = resume_run(resume, epochs=epochs, device=device, workers=workers, progress=progress,
                                  stop=stop)
         else:
+            if yolo is not None:
+                if coco is not None:
+                    raise typer.BadParameter("give --coco or --yolo, not both", param_hint="--yolo")
+                from ..training import yolo_root
+
+                coco, images = yolo, images or yolo_root(yolo)
+            if val_coco is not None and val_images is None and str(val_coco).endswith((".yaml", ".yml")):
+                from ..training import yolo_root
+
+                val_images = yolo_root(val_coco)
             if coco is None or images is None or out is None:
                 raise typer.BadParameter("give --coco, --images and -o RUN (or --resume RUN)", param_hint="--coco")
             config = replace(

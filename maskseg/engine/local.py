@@ -32,7 +32,7 @@ class LocalEngine:
 
         if self.segmenter is None:
             self.segmenter = Segmenter(self.config.model, mask_thresh=self.config.mask_thresh,
-                                       classes=self.config.classes)
+                                       classes=self.config.classes, agnostic_nms=self.config.agnostic_nms)
         backend = self.segmenter.backend
         if self.config.batch_size is None:
             self.batch_size = _batch_size_for(getattr(backend, "device", None))

@@ -45,7 +45,7 @@ MAX_ROWS_PER_BLOCK = 16
 # The last line of a traceback that a maskseg error ended (Ray passes an actor's start-up error as text).
 _ERROR_LINE = re.compile(r"^maskseg\.errors\.(\w+): (.*)$", re.MULTILINE)
 # Built-in writers that never read pixels: without others, the driver gets sizes back, not pixels.
-PIXEL_FREE_WRITERS = frozenset({"coco", "results", "masks"})
+PIXEL_FREE_WRITERS = frozenset({"coco", "results", "masks", "polygons", "yolo", "labelstudio", "json"})
 
 
 def require_ray() -> Any:
@@ -96,13 +96,13 @@ class ModelWorker:
     """
 
     def __init__(self, model: ModelConfig, *, mask_thresh: float, classes: tuple[str, ...], threads: int,
-                 ship_pixels: bool) -> None:
+                 ship_pixels: bool, agnostic_nms: float | None = None) -> None:
         import torch
 
         from ..segmenter import Segmenter
 
         torch.set_num_threads(threads)
-        self.segmenter = Segmenter(model, mask_thresh=mask_thresh, classes=classes)
+        self.segmenter = Segmenter(model, mask_thresh=mask_thresh, classes=classes, agnostic_nms=agnostic_nms)
         self.ship_pixels = ship_pixels
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -237,6 +237,7 @@ class RayEngine:
             self.actor_cls,
             fn_constructor_kwargs={
                 "model": self.worker_model, "mask_thresh": config.mask_thresh, "classes": config.classes,
+                "agnostic_nms": config.agnostic_nms,
                 "threads": engine.threads_per_worker,
                 "ship_pixels": not set(config.writers) <= PIXEL_FREE_WRITERS,
             },

@@ -79,6 +79,11 @@ def read_coco(path: str | Path) -> CocoSet:
         raise SourceError(f"{path}: annotation file not found") from None
     except (OSError, ValueError) as exc:
         raise SourceError(f"{path}: not a readable JSON file ({exc})") from None
+    return check_coco(data, path)
+
+
+def check_coco(data: Any, path: Path) -> CocoSet:
+    """A parsed COCO instances object, checked, as a CocoSet (``path`` names it in messages)."""
     if not isinstance(data, dict):
         raise SourceError(f"{path}: expected a COCO object with images, annotations, categories")
     for key in ("images", "annotations", "categories"):

@@ -37,6 +37,7 @@ from .metrics import METRICS_FILE, PLOT_FILE, plot_metrics, trim_metrics
 from .quantize import export_int8
 from .schedule import lr_lambda, make_optimizer
 from .trainer import LoopState, Trainer, TrainHook
+from .yolo import is_yolo_yaml, read_yolo
 
 log = logging.getLogger(__name__)
 
@@ -220,11 +221,16 @@ def _restore(resume_state: dict, optimizer: Any, scheduler: Any, scaler: Any, st
     restore_rng(resume_state.get("rng", {}), rank)
 
 
+def read_dataset(path: str) -> CocoSet:
+    """A COCO instances JSON, or a YOLO-seg dataset's data.yaml (its train split)."""
+    return read_yolo(path) if is_yolo_yaml(path) else read_coco(path)
+
+
 def _datasets(data: RunData, cfg: TrainConfig) -> tuple[CocoSet, CocoSet | None]:
-    train_set = read_coco(data.coco)
+    train_set = read_dataset(data.coco)
     val_set = None
     if data.val_coco:
-        val_set = read_coco(data.val_coco)
+        val_set = read_dataset(data.val_coco)
         if [c.id for c in val_set.categories] != [c.id for c in train_set.categories]:
             raise UsageError(f"{data.val_coco}: categories {[c.id for c in val_set.categories]} differ "
                              f"from {data.coco}'s {[c.id for c in train_set.categories]}")

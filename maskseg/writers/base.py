@@ -9,6 +9,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..config import WriterOptions
 from ..detections import Detections
 from ..errors import WriterError
 
@@ -20,6 +21,7 @@ class RunContext:
     ``journal`` holds every finished image (``journal.done_records()`` streams them in id order);
     ``categories`` are the model's classes; ``changed`` is true once this run has recorded anything
     new, so writers that rebuild whole files can skip the work (and leave bytes untouched) otherwise.
+    ``options`` are the writers' settings (``--polygon-tolerance``...), defaults in ``config.py``.
     """
 
     out_dir: Path
@@ -28,6 +30,7 @@ class RunContext:
     model_name: str
     changed: bool = False
     info: dict = field(default_factory=dict)
+    options: WriterOptions = field(default_factory=WriterOptions)
 
     def output_path(self, *parts: str) -> Path:
         """``OUT/<parts...>``, refused if it would leave OUT (``..`` or absolute parts)."""

@@ -15,7 +15,7 @@ from ..jsonio import dumps as _dumps
 from .base import BaseWriter
 
 
-class _JournalJsonWriter(BaseWriter):
+class JournalJsonWriter(BaseWriter):
     filename = ""
 
     def checkpoint(self) -> None:
@@ -40,7 +40,7 @@ class _JournalJsonWriter(BaseWriter):
             first = False
 
 
-class CocoWriter(_JournalJsonWriter):
+class CocoWriter(JournalJsonWriter):
     """``OUT/predictions.json``: a COCO instances dataset (with scores) that ``COCO()`` loads as it is.
 
     Annotation ids start at 1 (pycocotools treats id 0 as unmatched) and follow image-id order.
@@ -54,6 +54,7 @@ class CocoWriter(_JournalJsonWriter):
             "description": f"maskseg predictions ({run.model_name})",
             "date_created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             **run.info,
+            **self._info(),
         }
         categories = [{"id": c.id, "name": c.name, "supercategory": ""} for c in run.categories]
         fh.write(f'{{"info":{_dumps(info)},"licenses":[],"categories":{_dumps(categories)},\n"images":[\n'.encode())
@@ -67,10 +68,18 @@ class CocoWriter(_JournalJsonWriter):
         for rec in self.run.journal.done_records():
             for det in rec["detections"]:
                 ann_id += 1
-                yield _dumps({"id": ann_id, "image_id": rec["image_id"], **det, "iscrowd": 0})
+                yield _dumps({"id": ann_id, "image_id": rec["image_id"], **self._annotation(det), "iscrowd": 0})
+
+    def _info(self) -> dict:
+        """What a subclass adds to ``info``."""
+        return {}
+
+    def _annotation(self, det: dict) -> dict:
+        """One journal detection as this file's annotation (without id, image_id, iscrowd)."""
+        return det
 
 
-class ResultsWriter(_JournalJsonWriter):
+class ResultsWriter(JournalJsonWriter):
     """``OUT/results.json``: the COCO results list that ``COCO.loadRes`` takes (same image ids)."""
 
     filename = "results.json"

@@ -18,6 +18,10 @@ _BUILTIN_FALLBACK = {
     "results": "maskseg.writers.coco:ResultsWriter",
     "overlay": "maskseg.writers.overlay:OverlayWriter",
     "masks": "maskseg.writers.masks:MasksWriter",
+    "polygons": "maskseg.writers.polygons:PolygonsWriter",
+    "yolo": "maskseg.writers.yolo:YoloWriter",
+    "labelstudio": "maskseg.writers.labelstudio:LabelStudioWriter",
+    "json": "maskseg.writers.jsonfiles:JsonFilesWriter",
 }
 
 

@@ -204,3 +204,15 @@ def test_precision_auto_is_recorded_as_what_ran_and_resume_does_not_mix(images, 
     assert again.returncode == 0 and "done 0, skipped 4" in again.stderr
     bad = run_cli(*base, "--precision", "fp16", "--overwrite", "--device", "cpu")
     assert bad.returncode == 2 and "--precision fp16: runs on a CUDA GPU only" in bad.stderr
+
+
+def test_agnostic_nms_is_a_recorded_setting(images, tiny_checkpoint, tmp_path):
+    out = tmp_path / "out"
+    photo = images / "sub" / "6.jpg"
+    r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco", "--agnostic-nms", "0")
+    assert r.returncode == 2 and "--agnostic-nms" in r.stderr
+    r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco", "--agnostic-nms", "0.5")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "run.json").read_text())["settings"]["agnostic_nms"] == 0.5
+    r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco")
+    assert r.returncode == 2 and "agnostic_nms" in r.stderr
