@@ -24,7 +24,7 @@ from .engine import make_engine
 from .journal import Journal, OutputLock, output_error
 from .outdir import categories_of, check_settings, checkpoint, clear_outputs, prepare_out_dir, record_run
 from .shard import shard_scan
-from .sources import ImageRef, SourceScan, scan_sources
+from .sources import SourceScan, scan_sources
 from .writers import ImageRecord, RunContext, Writer, load_writers
 
 log = logging.getLogger(__name__)
@@ -145,12 +145,10 @@ class _Run:
         """sources -> engine (decode, batches, model) -> detections -> writers and journal."""
         config, journal, summary = self.config, self.journal, self.summary
         self.writers = load_writers(config.writers)
-        todo = [r for r in scan.refs if not journal.is_done(r, config.writers)]
-        summary.skipped = len(scan.refs) - len(todo)
+        todo, summary.skipped = journal.pending(scan.refs, config.writers)  # neither done nor failed as they are
         for problem in scan.problems:
             if not journal.is_known_failure(problem.rel_path, None, None, problem.reason):
                 self.record_failure(problem.path, problem.rel_path, None, None, problem.reason)
-        todo = [r for r in todo if not _known_failure(journal, r)]
         self.progress.start(len(todo), summary.skipped)
         if self.stopped():  # stopped while scanning: write consistent outputs, load no model
             todo = []
@@ -236,8 +234,3 @@ class _Run:
         self.summary.failed += 1
         self.progress.failure(path, reason)
         log.warning("%s: %s", path, reason)
-
-
-def _known_failure(journal: Journal, ref: ImageRef) -> bool:
-    e = journal.entries.get(ref.rel_path)
-    return e is not None and e.kind == "failed" and e.size == ref.size and e.mtime_ns == ref.mtime_ns

@@ -243,7 +243,7 @@ def _merge_journals(sources: list[Path], index: dict[str, _Latest], journal: Jou
 
 
 def _unchanged(journal: Journal, rel: str, latest: _Latest) -> bool:
-    e = journal.entries.get(rel)
+    e = journal.entry(rel)
     return (e is not None and e.kind == latest.kind and e.size == latest.size and e.mtime_ns == latest.mtime_ns
             and e.reason == latest.reason and set(latest.writers) <= set(e.writers))
 
@@ -301,10 +301,7 @@ def _place(src: Path, dst: Path) -> int:
 
 def _rebuild(out: Path, journal: Journal, run_file: dict) -> None:
     """predictions.json / results.json (by the same writers as predict) and failures.jsonl."""
-    named: set[str] = set()
-    for e in journal.entries.values():
-        if e.kind == "done":
-            named.update(e.writers)
+    named = journal.writers_used()
     for other in sorted(named - set(JOURNAL_WRITERS) - {"overlay", "masks"}):
         log.warning("writer %s: its outputs are not merged (merge rebuilds coco and results, and carries "
                     "overlay and masks files)", other)

@@ -17,7 +17,7 @@ from .config import PredictConfig
 from .detections import Category
 from .engine import ModelInfo
 from .errors import OutputError, UsageError
-from .journal import JOURNAL_NAME, Journal, output_error
+from .journal import INDEX_NAME, JOURNAL_NAME, Journal, output_error
 from .jsonio import dumps as json_dumps
 from .writers import RunContext, Writer
 
@@ -25,7 +25,8 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FAILURES_FILE = "failures.jsonl"
-OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks")
+OWNED_OUTPUTS = (JOURNAL_NAME, INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-shm", RUN_FILE, FAILURES_FILE,
+                 "predictions.json", "results.json", "overlays", "masks")
 FAILURE_FIELDS = ("path", "rel_path", "reason", "size", "mtime_ns")
 
 

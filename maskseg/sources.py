@@ -24,14 +24,16 @@ log = logging.getLogger(__name__)
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """One image file to segment.
 
     ``path`` is absolute (not symlink-resolved); ``rel_path`` is POSIX-style and relative to the common
     root of all inputs, so outputs mirror the input tree; ``out_stem`` is ``rel_path`` without its
     extension (or with it, as ``x_png``, where two inputs would share a stem). ``size``/``mtime_ns``
-    are from the scan and decide whether a journal entry is still current.
+    are from the scan and decide whether a journal entry is still current; for an object in object
+    storage ``path`` is its URL, ``mtime_ns`` is -1 and ``etag`` (its ETag, or GCS generation) does.
+    Slotted: a scan of millions of files holds one of these per file.
     """
 
     path: str
@@ -39,6 +41,7 @@ class ImageRef:
     out_stem: str
     size: int
     mtime_ns: int
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
