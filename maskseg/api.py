@@ -213,11 +213,12 @@ class _Run:
                                                        decoded.size, decoded.mtime_ns))
                     return False
                 raise output_error(where, exc) from None
-        self.journal.add({
-            "kind": "done", "image_id": image_id, "rel_path": ref.rel_path, "path": ref.path,
-            "size": decoded.size, "mtime_ns": decoded.mtime_ns, "width": decoded.width, "height": decoded.height,
-            "writers": list(self.config.writers), "detections": annotations,
-        })
+        record = {"kind": "done", "image_id": image_id, "rel_path": ref.rel_path, "path": ref.path,
+                  "size": decoded.size, "mtime_ns": decoded.mtime_ns}
+        if ref.etag is not None:  # an object: its version (checked against the bytes read) keys resume
+            record["etag"] = ref.etag
+        self.journal.add({**record, "width": decoded.width, "height": decoded.height,
+                          "writers": list(self.config.writers), "detections": annotations})
         self.summary.done += 1
         self.summary.detections += len(dets)
         return True
@@ -225,12 +226,15 @@ class _Run:
     def record_decode_failure(self, f: Failure) -> None:
         """Journal an image that could not be used (the sizes are those of the bytes read, when read)."""
         size, mtime_ns = (f.ref.size, f.ref.mtime_ns) if f.size is None else (f.size, f.mtime_ns)
-        self.record_failure(f.ref.path, f.ref.rel_path, size, mtime_ns, f.reason)
+        self.record_failure(f.ref.path, f.ref.rel_path, size, mtime_ns, f.reason, f.ref.etag)
 
-    def record_failure(self, path: str, rel_path: str, size: int | None, mtime_ns: int | None, reason: str) -> None:
+    def record_failure(self, path: str, rel_path: str, size: int | None, mtime_ns: int | None, reason: str,
+                       etag: str | None = None) -> None:
         """Journal one failed input, count it and report it."""
-        self.journal.add({"kind": "failed", "rel_path": rel_path, "path": path, "size": size, "mtime_ns": mtime_ns,
-                          "reason": reason})
+        record = {"kind": "failed", "rel_path": rel_path, "path": path, "size": size, "mtime_ns": mtime_ns}
+        if etag is not None:
+            record["etag"] = etag
+        self.journal.add({**record, "reason": reason})
         self.summary.failed += 1
         self.progress.failure(path, reason)
         log.warning("%s: %s", path, reason)

@@ -30,8 +30,20 @@ OWNED_OUTPUTS = (JOURNAL_NAME, INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-s
 FAILURE_FIELDS = ("path", "rel_path", "reason", "size", "mtime_ns")
 
 
+def refuse_object_store_out(out: str) -> None:
+    """``UsageError`` when OUT names object storage: OUT must be on a POSIX file system."""
+    from .objects import looks_like_url
+
+    if looks_like_url(out):
+        raise UsageError(f"{out}: OUT must be a folder on a POSIX file system, not object storage (resume needs "
+                         "an atomic rename, an appended journal and a lock, which object stores lack); write OUT "
+                         "locally and upload it when the run has finished (e.g. aws s3 sync OUT s3://...)")
+
+
 def prepare_out_dir(out: Path) -> Path:
-    """Create OUT (and its parents) if needed; ``OutputError`` if it is a file or cannot be made."""
+    """Create OUT (and its parents) if needed; ``OutputError`` if it is a file or cannot be made,
+    ``UsageError`` if it names object storage."""
+    refuse_object_store_out(str(out))
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: the output path exists and is not a folder")
     try:
