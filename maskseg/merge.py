@@ -68,6 +68,7 @@ class _Latest(NamedTuple):
     mtime_ns: int | None
     reason: str | None
     writers: tuple[str, ...]
+    etag: str | None = None  # an object's version (object storage inputs)
 
 
 def merge_outputs(inputs: Sequence[str | Path], out_dir: str | Path, *, overwrite: bool = False) -> MergeSummary:
@@ -209,7 +210,7 @@ def _journal_index(path: Path, source: int) -> dict[str, _Latest]:
                 try:
                     r = json.loads(line)
                     latest[r["rel_path"]] = _Latest(source, offset, r["kind"], r.get("size"), r.get("mtime_ns"),
-                                                    r.get("reason"), tuple(r.get("writers", ())))
+                                                    r.get("reason"), tuple(r.get("writers", ())), r.get("etag"))
                 except (ValueError, KeyError, TypeError):
                     log.warning("%s: unreadable record at byte %d ignored", path, offset)
                 offset += len(line)
@@ -245,7 +246,7 @@ def _merge_journals(sources: list[Path], index: dict[str, _Latest], journal: Jou
 def _unchanged(journal: Journal, rel: str, latest: _Latest) -> bool:
     e = journal.entry(rel)
     return (e is not None and e.kind == latest.kind and e.size == latest.size and e.mtime_ns == latest.mtime_ns
-            and e.reason == latest.reason and set(latest.writers) <= set(e.writers))
+            and e.etag == latest.etag and e.reason == latest.reason and set(latest.writers) <= set(e.writers))
 
 
 def _read_records(path: Path, rows: list[tuple[int, str]]) -> Iterator[dict]:
