@@ -107,6 +107,12 @@ def step(name: str, out: Path, n: int) -> dict:
                                                writers=tuple(r["writers"]))
                 offset += len(line)
         result["open_s"] = time.perf_counter() - t0
+    elif name == "scan":  # out is a folder tree of n empty .jpg files: scan_sources as predict runs it
+        from maskseg.sources import scan_sources
+
+        scan = scan_sources([str(out)])
+        result["open_s"] = time.perf_counter() - t0
+        assert len(scan.refs) == n, len(scan.refs)
     elif name == "refs":
         refs = []
         for i in range(n):
@@ -125,6 +131,8 @@ def main() -> None:
     ap.add_argument("--keep", type=Path, help="folder to keep the journals in (default: a temp folder)")
     ap.add_argument("--baseline-max", type=int, default=1_000_000,
                     help="measure the dict baseline and the refs list only up to this many images")
+    ap.add_argument("--scan-files", type=int, default=0,
+                    help="also scan a tree of this many empty .jpg files (made once under --keep)")
     ap.add_argument("--step", nargs=3, metavar=("NAME", "OUT", "N"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.step:
@@ -132,6 +140,18 @@ def main() -> None:
         return
     print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); Python {platform.python_version()}")
     top = args.keep or Path(tempfile.mkdtemp(prefix="maskseg-scale-"))
+    if args.scan_files:
+        n, tree = args.scan_files, top / f"tree-{args.scan_files}"
+        if not tree.exists():
+            for i in range(n):
+                p = tree / rel_path(i)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.touch()
+        r = subprocess.run([sys.executable, __file__, "--step", "scan", str(tree), str(n)], capture_output=True,
+                           text=True, check=True)
+        res = json.loads(r.stdout.splitlines()[-1])
+        print(f"\nscan of {n:,} files: {res['open_s']:.2f} s; peak RSS {res['peak_rss_mb']:.1f} MiB, "
+              f"resident growth {res['growth_b_per_image']:.1f} B/image (the refs a run holds)")
     for n in args.images:
         out = top / f"out-{n}"
         t0 = time.perf_counter()

@@ -11,6 +11,7 @@ imported only when a URL is given: ``pip install 'maskseg[s3]'``.
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import os
 import re
@@ -98,11 +99,11 @@ def list_objects(url: str, *, recursive: bool = True) -> tuple[str, Iterator[Obj
                 return _url(protocol, path.rsplit("/", 1)[0]), _objects(protocol, [info])
         root = path.rstrip("/")
         listing = fs.find(root, detail=True, maxdepth=None if recursive else 1)
-    except PermissionError:
-        raise SourceError(f"{url}: access denied (check the credentials, and the bucket's policy)") from None
     except FileNotFoundError:
         raise SourceError(f"{url}: no such bucket, object or prefix") from None
     except OSError as exc:
+        if denied(exc):
+            raise SourceError(f"{url}: access denied (check the credentials, and the bucket's policy)") from None
         raise SourceError(f"{url}: cannot list: {exc}") from None
     if not listing:
         raise SourceError(f"{url}: no such bucket, object or prefix (or it holds no objects)")
@@ -126,6 +127,16 @@ def _objects(protocol: str, infos: Any) -> Iterator[ObjectInfo]:
 
 def _url(protocol: str, path: str) -> str:
     return f"{protocol}://{path}"
+
+
+def denied(exc: OSError) -> bool:
+    """Whether a storage error means "not allowed" (a HEAD answered 403 carries no error code, only the
+    status, so s3fs does not always make it a ``PermissionError``)."""
+    if isinstance(exc, PermissionError) or exc.errno in (errno.EACCES, errno.EPERM):
+        return True
+    text = str(exc)
+    return any(word in text for word in ("AccessDenied", "Forbidden", "(403)", "InvalidAccessKeyId",
+                                         "SignatureDoesNotMatch"))
 
 
 def version_of(info: dict) -> str:
@@ -172,10 +183,8 @@ def read_object(url: str, etag: str | None) -> tuple[bytes, ObjectInfo]:
         after = fs.info(path)
     except FileNotFoundError:
         raise DecodeError(url, "object vanished before it could be read") from None
-    except PermissionError:
-        raise DecodeError(url, "access denied") from None
     except OSError as exc:
-        raise DecodeError(url, f"read failed: {exc}") from None
+        raise DecodeError(url, "access denied" if denied(exc) else f"read failed: {exc}") from None
     info = ObjectInfo(url, int(after.get("size") or 0), mtime_ns_of(after), version_of(after))
     if (etag is not None and info.etag != etag) or version_of(before) != info.etag or len(data) != info.size:
         raise DecodeError(url, "object changed since it was listed (rewritten during the run?); retried next run")

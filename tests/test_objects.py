@@ -56,7 +56,7 @@ def bucket(server, request):
     name = "b-" + request.node.name.lower().replace("_", "-")[:40]
     s3.create_bucket(Bucket=name)
     for i, photo in enumerate(PHOTOS):
-        key = f"photos/{'sub/' if i == 2 else ''}{Path(photo).name}"
+        key = f"photos/{'sub/' if i >= 2 else ''}{Path(photo).name}"
         s3.put_object(Bucket=name, Key=key, Body=(SAMPLES / photo).read_bytes())
     s3.put_object(Bucket=name, Key="photos/notes.txt", Body=b"not an image")
     return s3, name
@@ -222,8 +222,9 @@ def test_access_denied(tmp_path, tiny_checkpoint):
         s3.put_object(Bucket="locked", Key="photos/coins.png", Body=(SAMPLES / "coins.png").read_bytes())  # 2
         iam.create_user(UserName="lister")  # 3
         key = iam.create_access_key(UserName="lister")["AccessKey"]  # 4
-        policy = {"Version": "2012-10-17", "Statement": [
-            {"Effect": "Allow", "Action": ["s3:ListBucket"], "Resource": "arn:aws:s3:::locked"}]}
+        policy = {"Version": "2012-10-17", "Statement": [  # the bucket, not its objects (locked/*)
+            {"Effect": "Allow", "Action": ["s3:*"], "Resource": "arn:aws:s3:::locked"},
+            {"Effect": "Allow", "Action": ["s3:ListBucket", "s3:ListObjectsV2"], "Resource": "*"}]}
         iam.put_user_policy(UserName="lister", PolicyName="list-only", PolicyDocument=json.dumps(policy))  # 5
         s3.head_bucket(Bucket="locked")  # 6: the last request without authorization
         lister = _env(endpoint, key["AccessKeyId"], key["SecretAccessKey"])
