@@ -222,3 +222,26 @@ def test_objects_are_versioned_by_etag_and_names_need_not_be_utf8(tmp_path):
     assert not j.is_done(ImageRef("/x", odd, "x", 1, 5), ("coco",))
     assert [r["rel_path"] for r in j.done_records()] == [odd]
     j.close()
+
+
+def test_pending_is_what_is_done_and_is_known_failure_say(tmp_path):
+    from maskseg.sources import ImageRef
+
+    j = Journal(tmp_path)
+    j.add(_done("done.jpg", 1))
+    j.add(_done("changed.jpg", 2))
+    j.add({"kind": "failed", "rel_path": "failed.jpg", "path": "/x", "size": 1, "mtime_ns": 2, "reason": "r"})
+    j.add({"kind": "failed", "rel_path": "fixed.jpg", "path": "/x", "size": 1, "mtime_ns": 2, "reason": "r"})
+    j.close()
+    j = Journal(tmp_path)
+    j.add(_done("queued.jpg", 3))  # queued, not yet flushed: counts as done already
+    refs = [ImageRef("/x/" + rel, rel, rel, 1, mtime) for rel, mtime in
+            [("changed.jpg", 9), ("done.jpg", 2), ("failed.jpg", 2), ("fixed.jpg", 3), ("new.jpg", 2),
+             ("queued.jpg", 2)]]
+    todo, skipped = j.pending(refs, ("coco",))
+    assert [r.rel_path for r in todo] == ["changed.jpg", "fixed.jpg", "new.jpg"] and skipped == 2
+    assert [r.rel_path for r in refs if not j.is_done(r, ("coco",))] == [
+        "changed.jpg", "failed.jpg", "fixed.jpg", "new.jpg"]
+    todo, skipped = j.pending(refs, ("coco", "overlay"))  # done, but not by every writer of this run
+    assert [r.rel_path for r in todo] == ["changed.jpg", "done.jpg", "fixed.jpg", "new.jpg", "queued.jpg"]
+    j.close()
