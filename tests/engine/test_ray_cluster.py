@@ -23,7 +23,33 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def s3_endpoint():
+    """An S3 server (moto) on loopback, named by AWS_ENDPOINT_URL in the environment the Ray nodes start
+    with (a worker reads objects with its own node's credentials), or None without s3fs and moto."""
+    try:
+        import s3fs  # noqa: F401
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):
     """A head node (3 CPUs) and a worker node (2 CPUs), not joined by this process until a run does."""
     from ray.cluster_utils import Cluster
 
@@ -102,6 +128,39 @@ def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(cluster, pho
     assert got.keys() == expected.keys()
     for rel, dets in got.items():
         assert np.array_equal(dets.boxes, expected[rel].boxes) and np.array_equal(dets.scores, expected[rel].scores)
+
+
+def test_workers_read_objects_from_their_urls(cluster, s3_endpoint, photos, tiny_checkpoint,  # noqa: F811
+                                               monkeypatch):
+    """s3:// inputs on the cluster: the workers read each object themselves; the driver reads none."""
+    if s3_endpoint is None:
+        pytest.skip("the s3 extra and moto[server] are not installed")
+    import boto3
+
+    from maskseg import objects
+
+    c, _ = cluster
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="cluster-photos")
+    for p in sorted((photos / "a").iterdir()):
+        s3.put_object(Bucket="cluster-photos", Key=f"a/{p.name}", Body=p.read_bytes())
+    refs = scan_sources(["s3://cluster-photos/"]).refs
+    assert refs and all(r.etag for r in refs)
+
+    def not_here(url, etag):
+        raise AssertionError(f"the driver read {url}")
+
+    monkeypatch.setattr(objects, "read_object", not_here)
+    engine = RayEngine(_config(tiny_checkpoint, workers=2, address=c.address))
+    engine.start()
+    try:
+        results = list(engine.run(refs))
+    finally:
+        engine.close()
+    done = {d.ref.rel_path: d.size for r in results for d in r.images}
+    failed = {f.ref.rel_path: f.reason for r in results for f in r.failures}
+    assert sorted(failed) == ["a/broken.jpg"] and len(done) + 1 == len(refs)
+    assert all(done[r.rel_path] == r.size for r in refs if r.rel_path in done)
 
 
 if __name__ == "__main__":
