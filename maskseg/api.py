@@ -25,7 +25,7 @@ from .engine import make_engine
 from .journal import Journal, OutputLock, output_error
 from .outdir import categories_of, check_settings, checkpoint, clear_outputs, prepare_out_dir, record_run
 from .shard import shard_scan
-from .sources import ImageRef, SourceScan, scan_sources
+from .sources import SourceScan, scan_sources
 from .video import split_frame_name
 from .writers import ImageRecord, RunContext, Writer, load_writers
 
@@ -148,12 +148,10 @@ class _Run:
         """sources -> engine (decode, batches, model) -> detections -> writers and journal."""
         config, journal, summary = self.config, self.journal, self.summary
         self.writers = load_writers(config.writers)
-        todo = [r for r in scan.refs if not journal.is_done(r, config.writers)]
-        summary.skipped = len(scan.refs) - len(todo)
+        todo, summary.skipped = journal.pending(scan.refs, config.writers)  # neither done nor failed as they are
         for problem in scan.problems:
             if not journal.is_known_failure(problem.rel_path, None, None, problem.reason):
                 self.record_failure(problem.path, problem.rel_path, None, None, problem.reason)
-        todo = [r for r in todo if not _known_failure(journal, r)]
         self.progress.start(len(todo), summary.skipped)
         if self.stopped():  # stopped while scanning: write consistent outputs, load no model
             todo = []
@@ -219,11 +217,12 @@ class _Run:
                                                        decoded.size, decoded.mtime_ns))
                     return False
                 raise output_error(where, exc) from None
-        record = {
-            "kind": "done", "image_id": image_id, "rel_path": ref.rel_path, "path": ref.path,
-            "size": decoded.size, "mtime_ns": decoded.mtime_ns, "width": decoded.width, "height": decoded.height,
-            "writers": list(self.config.writers), "detections": annotations,
-        }
+        record = {"kind": "done", "image_id": image_id, "rel_path": ref.rel_path, "path": ref.path,
+                  "size": decoded.size, "mtime_ns": decoded.mtime_ns}
+        if ref.etag is not None:  # an object: its version (checked against the bytes read) keys resume
+            record["etag"] = ref.etag
+        record.update({"width": decoded.width, "height": decoded.height, "writers": list(self.config.writers),
+                       "detections": annotations})
         frame = split_frame_name(ref.rel_path)
         if frame is not None:  # a video frame: the COCO writer names its video and index
             record["video"], record["frame_index"] = frame
@@ -235,17 +234,15 @@ class _Run:
     def record_decode_failure(self, f: Failure) -> None:
         """Journal an image that could not be used (the sizes are those of the bytes read, when read)."""
         size, mtime_ns = (f.ref.size, f.ref.mtime_ns) if f.size is None else (f.size, f.mtime_ns)
-        self.record_failure(f.ref.path, f.ref.rel_path, size, mtime_ns, f.reason)
+        self.record_failure(f.ref.path, f.ref.rel_path, size, mtime_ns, f.reason, f.ref.etag)
 
-    def record_failure(self, path: str, rel_path: str, size: int | None, mtime_ns: int | None, reason: str) -> None:
+    def record_failure(self, path: str, rel_path: str, size: int | None, mtime_ns: int | None, reason: str,
+                       etag: str | None = None) -> None:
         """Journal one failed input, count it and report it."""
-        self.journal.add({"kind": "failed", "rel_path": rel_path, "path": path, "size": size, "mtime_ns": mtime_ns,
-                          "reason": reason})
+        record = {"kind": "failed", "rel_path": rel_path, "path": path, "size": size, "mtime_ns": mtime_ns}
+        if etag is not None:
+            record["etag"] = etag
+        self.journal.add({**record, "reason": reason})
         self.summary.failed += 1
         self.progress.failure(path, reason)
         log.warning("%s: %s", path, reason)
-
-
-def _known_failure(journal: Journal, ref: ImageRef) -> bool:
-    e = journal.entries.get(ref.rel_path)
-    return e is not None and e.kind == "failed" and e.size == ref.size and e.mtime_ns == ref.mtime_ns

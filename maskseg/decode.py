@@ -86,13 +86,21 @@ def read_file_bytes(path: str) -> tuple[bytes, os.stat_result]:
 
 
 def decode_image(ref: ImageRef, *, max_pixels: int = DEFAULT_MAX_PIXELS, uint16: str = DEFAULT_UINT16) -> DecodedImage:
-    """Read and decode one image; see ``decode_bytes`` for the conversions."""
-    data, st = read_file_bytes(ref.path)
+    """Read and decode one image (a file, or an object when ``ref.etag`` is set: read from object
+    storage by whoever calls this); see ``decode_bytes`` for the conversions."""
+    if ref.etag is not None:
+        from .objects import read_object
+
+        data, info = read_object(ref.path, ref.etag)
+        size, mtime_ns = info.size, info.mtime_ns
+    else:
+        data, st = read_file_bytes(ref.path)
+        size, mtime_ns = st.st_size, st.st_mtime_ns
     try:
         rgb = decode_bytes(data, ref.path, max_pixels=max_pixels, uint16=uint16)
     except DecodeError as exc:
-        raise UndecodableError(ref.path, exc.reason, st.st_size, st.st_mtime_ns) from None
-    return DecodedImage(ref, rgb, st.st_size, st.st_mtime_ns)
+        raise UndecodableError(ref.path, exc.reason, size, mtime_ns) from None
+    return DecodedImage(ref, rgb, size, mtime_ns)
 
 
 def decode_bytes(data: bytes, name: str, *, max_pixels: int = DEFAULT_MAX_PIXELS,

@@ -68,6 +68,7 @@ class _Latest(NamedTuple):
     mtime_ns: int | None
     reason: str | None
     writers: tuple[str, ...]
+    etag: str | None = None  # an object's version (object storage inputs)
 
 
 def merge_outputs(inputs: Sequence[str | Path], out_dir: str | Path, *, overwrite: bool = False) -> MergeSummary:
@@ -209,7 +210,7 @@ def _journal_index(path: Path, source: int) -> dict[str, _Latest]:
                 try:
                     r = json.loads(line)
                     latest[r["rel_path"]] = _Latest(source, offset, r["kind"], r.get("size"), r.get("mtime_ns"),
-                                                    r.get("reason"), tuple(r.get("writers", ())))
+                                                    r.get("reason"), tuple(r.get("writers", ())), r.get("etag"))
                 except (ValueError, KeyError, TypeError):
                     log.warning("%s: unreadable record at byte %d ignored", path, offset)
                 offset += len(line)
@@ -243,9 +244,9 @@ def _merge_journals(sources: list[Path], index: dict[str, _Latest], journal: Jou
 
 
 def _unchanged(journal: Journal, rel: str, latest: _Latest) -> bool:
-    e = journal.entries.get(rel)
+    e = journal.entry(rel)
     return (e is not None and e.kind == latest.kind and e.size == latest.size and e.mtime_ns == latest.mtime_ns
-            and e.reason == latest.reason and set(latest.writers) <= set(e.writers))
+            and e.etag == latest.etag and e.reason == latest.reason and set(latest.writers) <= set(e.writers))
 
 
 def _read_records(path: Path, rows: list[tuple[int, str]]) -> Iterator[dict]:
@@ -301,10 +302,7 @@ def _place(src: Path, dst: Path) -> int:
 
 def _rebuild(out: Path, journal: Journal, run_file: dict) -> None:
     """predictions.json / results.json (by the same writers as predict) and failures.jsonl."""
-    named: set[str] = set()
-    for e in journal.entries.values():
-        if e.kind == "done":
-            named.update(e.writers)
+    named = journal.writers_used()
     for other in sorted(named - set(JOURNAL_WRITERS) - {"overlay", "masks"}):
         log.warning("writer %s: its outputs are not merged (merge rebuilds coco and results, and carries "
                     "overlay and masks files)", other)

@@ -17,7 +17,7 @@ from .config import DEFAULT_POLYGON_TOLERANCE, PredictConfig
 from .detections import Category
 from .engine import ModelInfo
 from .errors import OutputError, UsageError
-from .journal import JOURNAL_NAME, Journal, output_error
+from .journal import INDEX_NAME, JOURNAL_NAME, Journal, output_error
 from .jsonio import dumps as json_dumps
 from .writers import RunContext, Writer
 
@@ -25,13 +25,26 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 FAILURES_FILE = "failures.jsonl"
-OWNED_OUTPUTS = (JOURNAL_NAME, RUN_FILE, FAILURES_FILE, "predictions.json", "results.json", "overlays", "masks",
-                 "predictions_polygons.json", "yolo", "labelstudio_tasks.json", "labelstudio_config.xml", "json")
+OWNED_OUTPUTS = (JOURNAL_NAME, INDEX_NAME, f"{INDEX_NAME}-wal", f"{INDEX_NAME}-shm", RUN_FILE, FAILURES_FILE,
+                 "predictions.json", "results.json", "overlays", "masks", "predictions_polygons.json", "yolo",
+                 "labelstudio_tasks.json", "labelstudio_config.xml", "json")
 FAILURE_FIELDS = ("path", "rel_path", "reason", "size", "mtime_ns")
 
 
+def refuse_object_store_out(out: str) -> None:
+    """``UsageError`` when OUT names object storage: OUT must be on a POSIX file system."""
+    from .objects import looks_like_url
+
+    if looks_like_url(out):
+        raise UsageError(f"{out}: OUT must be a folder on a POSIX file system, not object storage (resume needs "
+                         "an atomic rename, an appended journal and a lock, which object stores lack); write OUT "
+                         "locally and upload it when the run has finished (e.g. aws s3 sync OUT s3://...)")
+
+
 def prepare_out_dir(out: Path) -> Path:
-    """Create OUT (and its parents) if needed; ``OutputError`` if it is a file or cannot be made."""
+    """Create OUT (and its parents) if needed; ``OutputError`` if it is a file or cannot be made,
+    ``UsageError`` if it names object storage."""
+    refuse_object_store_out(str(out))
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: the output path exists and is not a folder")
     try:

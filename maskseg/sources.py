@@ -14,24 +14,27 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any
+from typing import Any, NamedTuple
 
 from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES, VIDEO_EXTENSIONS
 from .errors import SourceError
+from .objects import ObjectInfo, is_url, list_objects
 
 log = logging.getLogger(__name__)
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ImageRef:
     """One image file to segment.
 
     ``path`` is absolute (not symlink-resolved); ``rel_path`` is POSIX-style and relative to the common
     root of all inputs, so outputs mirror the input tree; ``out_stem`` is ``rel_path`` without its
     extension (or with it, as ``x_png``, where two inputs would share a stem). ``size``/``mtime_ns``
-    are from the scan and decide whether a journal entry is still current.
+    are from the scan and decide whether a journal entry is still current; for an object in object
+    storage ``path`` is its URL, ``mtime_ns`` is -1 and ``etag`` (its ETag, or GCS generation) does.
+    Slotted: a scan of millions of files holds one of these per file.
     """
 
     path: str
@@ -39,6 +42,7 @@ class ImageRef:
     out_stem: str
     size: int
     mtime_ns: int
+    etag: str | None = None
 
 
 @dataclass(frozen=True)
@@ -67,12 +71,22 @@ class ListLimits:
     line_bytes: int = MAX_LIST_LINE_BYTES
 
 
-@dataclass(frozen=True)
+class _Stat(NamedTuple):
+    """What a scan keeps of a file's stat (a tuple: 184 B a file, where an ``os.stat_result`` is 644)."""
+
+    size: int
+    mtime_ns: int
+    dev: int
+    ino: int
+
+
+@dataclass(frozen=True, slots=True)
 class _Found:
     path: str  # absolute
     root: str  # absolute folder the path is reported relative to
-    stat: os.stat_result | None
+    stat: _Stat | None
     problem: str | None = None
+    obj: ObjectInfo | None = None  # an object in object storage: path and root are URLs
 
 
 def is_image_name(name: str) -> bool:
@@ -92,7 +106,8 @@ def scan_sources(
     """Resolve INPUT arguments into sorted, de-duplicated image refs.
 
     Each input is ``-`` (paths on ``stdin``: a stream or an iterable of lines), ``@LIST`` (a list
-    file), a folder, a file or a glob. ``exclude`` is a folder (the output folder) never read from.
+    file), a folder, a file or a glob, or an object storage URL (``s3://bucket/prefix/``, an object,
+    a glob; see ``objects.py``); lists may hold URLs too. ``exclude`` is a folder (the output folder) never read from.
     Raises ``SourceError`` for an input that names nothing (missing path, unreadable list file), one
     inside ``exclude``, or a list past ``limits``.
     """
@@ -112,6 +127,9 @@ def scan_sources(
 
 
 def _from_argument(item: str, recursive: bool, exclude: str | None, *, explicit: bool) -> Iterator[_Found]:
+    if is_url(item):
+        yield from _from_url(item, recursive)
+        return
     path = os.path.abspath(item)
     try:
         st = os.stat(path)
@@ -137,9 +155,16 @@ def _from_argument(item: str, recursive: bool, exclude: str | None, *, explicit:
         yield _check_file(path, os.path.dirname(path), st)
 
 
+def _from_url(url: str, recursive: bool) -> Iterator[_Found]:
+    root, objects = list_objects(url, recursive=recursive)
+    for obj in objects:
+        if is_image_name(obj.url.rsplit("/", 1)[-1]):
+            yield _Found(obj.url, root, None, obj=obj)
+
+
 def _check_file(path: str, root: str, st: os.stat_result) -> _Found:
     if stat.S_ISREG(st.st_mode):
-        return _Found(path, root, st)
+        return _Found(path, root, _Stat(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
     kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
         st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "special file"
     return _Found(path, root, None, f"not a regular file ({kind}); not opened")
@@ -300,12 +325,23 @@ def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: str | 
         entry = raw.rstrip("\r\n").strip()
         if not entry or entry.startswith("#"):
             continue
+        if is_url(entry):
+            try:
+                yield from _from_url(entry, recursive)
+            except SourceError as exc:
+                yield _Found(entry, entry.rsplit("/", 1)[0], None, _listed_reason(exc, entry))
+            continue
         path = entry if os.path.isabs(entry) else os.path.join(base, entry)
         try:
             yield from _from_argument(path, recursive, exclude, explicit=False)
         except SourceError:
             yield _Found(os.path.abspath(path), os.path.dirname(os.path.abspath(path)), None,
                          "listed but does not exist")
+
+
+def _listed_reason(exc: SourceError, entry: str) -> str:
+    text = str(exc).removeprefix(f"{entry}: ")
+    return "listed but does not exist" if text.startswith("no such") else f"listed but {text}"
 
 
 def _inside(folder: str, path: str) -> bool:
@@ -318,17 +354,21 @@ def _assemble(found: list[_Found]) -> SourceScan:
     scan = SourceScan()
     if not found:
         return scan
-    common = os.path.commonpath([f.root for f in found])
+    urls = [is_url(f.root) for f in found]
+    if any(urls) and not all(urls):
+        raise SourceError("inputs mix object storage URLs and local paths; run them into separate output folders")
+    relative = _url_relative if urls[0] else _path_relative
+    common = _common_root([f.root for f in found], is_urls=urls[0])
     seen_files: set[tuple[int, int]] = set()
     seen_paths: set[str] = set()
     rows: list[tuple[str, _Found]] = []
     for f in found:
-        rel = os.path.relpath(f.path, common).replace(os.sep, "/")
+        rel = relative(f.path, common)
         if rel in seen_paths:
             continue
         seen_paths.add(rel)
         if f.stat is not None:
-            key = (f.stat.st_dev, f.stat.st_ino)
+            key = (f.stat.dev, f.stat.ino)
             if key in seen_files:
                 continue
             seen_files.add(key)
@@ -340,12 +380,38 @@ def _assemble(found: list[_Found]) -> SourceScan:
             stem = str(PurePosixPath(rel).with_suffix(""))
             stems[stem] = stems.get(stem, 0) + 1
     for rel, f in rows:
-        if f.problem is not None or f.stat is None:
+        if f.problem is not None or (f.stat is None and f.obj is None):
             scan.problems.append(SourceProblem(f.path, rel, f.problem or "unusable"))
             continue
         stem = str(PurePosixPath(rel).with_suffix(""))
         if stems[stem] > 1:
             p = PurePosixPath(rel)
             stem = str(p.with_name(p.stem + "_" + p.suffix.lstrip(".").lower()))
-        scan.refs.append(ImageRef(f.path, rel, stem, f.stat.st_size, f.stat.st_mtime_ns))
+        if f.obj is not None:
+            scan.refs.append(ImageRef(f.path, rel, stem, f.obj.size, f.obj.mtime_ns, f.obj.etag))
+        else:
+            scan.refs.append(ImageRef(f.path, rel, stem, f.stat.size, f.stat.mtime_ns))
     return scan
+
+
+def _common_root(roots: list[str], *, is_urls: bool) -> str:
+    if not is_urls:
+        return os.path.commonpath(roots)
+    # URLs: the longest common run of "/"-separated parts (bucket included) of one protocol.
+    split = [r.split("/") for r in roots]
+    common: list[str] = []
+    for parts in zip(*split, strict=False):  # as far as the shortest root goes
+        if len(set(parts)) != 1:
+            break
+        common.append(parts[0])
+    return "/".join(common)
+
+
+def _path_relative(path: str, common: str) -> str:
+    return os.path.relpath(path, common).replace(os.sep, "/")
+
+
+def _url_relative(url: str, common: str) -> str:
+    if not common or common.endswith(":/"):  # other buckets (or protocols): the bucket starts rel_path
+        return url.replace("://", "/", 1) if not common else url.split("://", 1)[1]
+    return url[len(common):].lstrip("/")

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 
+from maskseg import journal as journal_module
 from maskseg.errors import LockedError, OutputError
-from maskseg.journal import JOURNAL_NAME, Journal, OutputLock
+from maskseg.journal import INDEX_NAME, JOURNAL_NAME, Journal, OutputLock
 
 
 def _done(rel: str, image_id: int) -> dict:
@@ -137,3 +138,110 @@ def test_lock_of_a_killed_run_never_blocks_the_next(tmp_path, mode):
                 os.kill(pid, signal.SIGKILL)
         holder.kill()
         holder.wait()
+
+
+# -- the index beside the journal (journal.index, sqlite): a cache the journal can always rebuild ------
+
+def _journal_with(tmp_path, n: int) -> None:
+    j = Journal(tmp_path)
+    for i in range(n):
+        j.add(_done(f"{i:03}.jpg", j.image_id(f"{i:03}.jpg")))
+    j.add({"kind": "failed", "rel_path": "bad.jpg", "path": "/x/bad.jpg", "size": 5, "mtime_ns": 6, "reason": "r"})
+    j.close()
+
+
+def _state(tmp_path) -> tuple:
+    j = Journal(tmp_path)
+    try:
+        return (j.counts, [(r["rel_path"], r["image_id"]) for r in j.done_records()],
+                [r["rel_path"] for r in j.failure_records()], j.image_id("new.jpg"))
+    finally:
+        j.close()
+
+
+def test_missing_or_unreadable_index_is_rebuilt_from_the_journal(tmp_path, caplog):
+    _journal_with(tmp_path, 5)
+    assert (tmp_path / INDEX_NAME).is_file()
+    want = _state(tmp_path)
+    assert want[0] == (5, 1) and want[3] == 6
+    (tmp_path / INDEX_NAME).unlink()
+    assert _state(tmp_path) == want
+    (tmp_path / INDEX_NAME).write_bytes(b"not a database at all" * 100)
+    assert _state(tmp_path) == want
+    assert "rebuilt" in caplog.text
+
+
+def test_index_of_another_journal_is_not_trusted(tmp_path):
+    """A journal replaced by one of the same length (a restore, a copy) is re-read, not looked up."""
+    _journal_with(tmp_path, 3)
+    raw = (tmp_path / JOURNAL_NAME).read_bytes()
+    (tmp_path / JOURNAL_NAME).write_bytes(raw.replace(b'"000.jpg"', b'"zzz.jpg"'))
+    _counts, done, _failed, _ = _state(tmp_path)
+    assert [rel for rel, _ in done] == ["zzz.jpg", "001.jpg", "002.jpg"]
+    (tmp_path / JOURNAL_NAME).write_bytes(raw[: raw.index(b"\n") + 1])  # cut back: shorter than indexed
+    assert _state(tmp_path)[0] == (1, 0)
+
+
+def test_records_the_index_missed_are_indexed_on_open(tmp_path):
+    """A kill between the journal's fsync and the index update leaves the index behind: the journal's
+    tail is indexed on the next open, and nothing is done twice."""
+    _journal_with(tmp_path, 2)
+    with open(tmp_path / JOURNAL_NAME, "ab") as fh:
+        fh.write((json.dumps(_done("late.jpg", 7)) + "\n").encode())
+    j = Journal(tmp_path)
+    assert j.counts == (3, 1) and j.entry("late.jpg").image_id == 7 and j.image_id("next.jpg") == 8
+    j.close()
+
+
+def test_records_are_read_back_in_slices(tmp_path, monkeypatch):
+    monkeypatch.setattr(journal_module, "_RECORD_SLICE", 3)
+    j = Journal(tmp_path)
+    rels = [f"{i}.jpg" for i in range(10)]
+    for rel in reversed(rels):  # ids in reverse path order: done_records follows ids, failures paths
+        j.add(_done(rel, j.image_id(rel)))
+    for rel in rels:
+        j.add({"kind": "failed", "rel_path": "f" + rel, "path": "/x", "size": 1, "mtime_ns": 1, "reason": "r"})
+    j.close()
+    j = Journal(tmp_path)
+    assert [r["rel_path"] for r in j.done_records()] == list(reversed(rels))
+    assert [r["rel_path"] for r in j.failure_records()] == sorted("f" + r for r in rels)
+    j.close()
+
+
+def test_objects_are_versioned_by_etag_and_names_need_not_be_utf8(tmp_path):
+    from maskseg.sources import ImageRef
+
+    odd = os.fsdecode(b"caf\xe9.jpg")
+    j = Journal(tmp_path)
+    j.add(dict(_done(odd, 1), etag='"abc"', mtime_ns=5))
+    j.close()
+    j = Journal(tmp_path)
+    assert j.is_done(ImageRef("s3://b/x", odd, "x", 1, 5, '"abc"'), ("coco",))
+    assert j.is_done(ImageRef("s3://b/x", odd, "x", 1, 99, '"abc"'), ("coco",))  # the ETag decides, not the time
+    assert not j.is_done(ImageRef("s3://b/x", odd, "x", 1, 5, '"new"'), ("coco",))
+    assert not j.is_done(ImageRef("/x", odd, "x", 1, 5), ("coco",))
+    assert [r["rel_path"] for r in j.done_records()] == [odd]
+    j.close()
+
+
+def test_pending_is_what_is_done_and_is_known_failure_say(tmp_path):
+    from maskseg.sources import ImageRef
+
+    j = Journal(tmp_path)
+    j.add(_done("done.jpg", 1))
+    j.add(_done("changed.jpg", 2))
+    j.add({"kind": "failed", "rel_path": "failed.jpg", "path": "/x", "size": 1, "mtime_ns": 2, "reason": "r"})
+    j.add({"kind": "failed", "rel_path": "fixed.jpg", "path": "/x", "size": 1, "mtime_ns": 2, "reason": "r"})
+    j.close()
+    j = Journal(tmp_path)
+    j.add(_done("queued.jpg", 3))  # queued, not yet flushed: counts as done already
+    refs = [ImageRef("/x/" + rel, rel, rel, 1, mtime) for rel, mtime in
+            [("changed.jpg", 9), ("done.jpg", 2), ("failed.jpg", 2), ("fixed.jpg", 3), ("new.jpg", 2),
+             ("queued.jpg", 2)]]
+    todo, skipped = j.pending(refs, ("coco",))
+    assert [r.rel_path for r in todo] == ["changed.jpg", "fixed.jpg", "new.jpg"] and skipped == 2
+    assert [r.rel_path for r in refs if not j.is_done(r, ("coco",))] == [
+        "changed.jpg", "failed.jpg", "fixed.jpg", "new.jpg"]
+    todo, skipped = j.pending(refs, ("coco", "overlay"))  # done, but not by every writer of this run
+    assert [r.rel_path for r in todo] == ["changed.jpg", "done.jpg", "fixed.jpg", "new.jpg", "queued.jpg"]
+    j.close()

@@ -48,7 +48,8 @@ _W = cfg.WriterOptions()
 
 def predict_command(
     inputs: Annotated[Optional[list[str]], typer.Argument(  # noqa: UP045 - Typer needs Optional here
-        help="Folders (recursive), image files, quoted globs ('shots/**/*.jpg'), @LIST files or - (paths on stdin).",
+        help="Folders (recursive), image files, quoted globs ('shots/**/*.jpg'), @LIST files, - (paths on stdin), "
+             "or object storage URLs (s3://bucket/prefix/, gs://...; needs maskseg[s3]).",
         metavar="INPUTS", show_default=False)] = None,
     list_file: Annotated[Optional[list[Path]], typer.Option(  # noqa: UP045
         "--list", metavar="FILE", rich_help_panel=INPUTS,

@@ -7,7 +7,8 @@ results in input order and hands them to ``api.predict``, which feeds the same j
 the local engine, so resume, the lock, failures and exit codes are unchanged.
 
 Images are read by the workers from their paths: on a cluster, the inputs (and ``--weights``) must be
-on storage every node sees at the same path, and maskseg must be installed on every node.
+on storage every node sees at the same path, and maskseg must be installed on every node. Objects in
+object storage (``s3://...``) are read by the workers from their URLs, never through the driver.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def decode_rows(batch: dict[str, np.ndarray], *, max_pixels: int, uint16: str = 
     sizes = np.full(n, -1, np.int64)
     mtimes = np.full(n, -1, np.int64)
     errors = np.full(n, b"", dtype=object)
+    etags = batch.get("etag")
     for i, raw in enumerate(batch["path"]):
         path = os.fsdecode(bytes(raw))
-        item = attempt_decode(lambda ref: decode_image(ref, max_pixels=max_pixels, uint16=uint16), _ref(path))
+        etag = str(etags[i]) if etags is not None and etags[i] else None  # an object: read here, by URL
+        item = attempt_decode(lambda ref: decode_image(ref, max_pixels=max_pixels, uint16=uint16), _ref(path, etag))
         if isinstance(item, Failure):
             rgbs.append(np.zeros((0, 0, 3), np.uint8))
             errors[i] = _encode(item.reason)
@@ -128,9 +131,10 @@ class ModelWorker:
         return out
 
 
-def _ref(path: str) -> ImageRef:
-    """An ``ImageRef`` for a worker, which knows only the path (the driver keeps the real refs)."""
-    return ImageRef(path, path, path, -1, -1)
+def _ref(path: str, etag: str | None = None) -> ImageRef:
+    """An ``ImageRef`` for a worker, which knows only the path or URL, and an object's ETag (the driver
+    keeps the real refs)."""
+    return ImageRef(path, path, path, -1, -1, etag)
 
 
 def _encode(reason: str) -> bytes:
@@ -223,6 +227,7 @@ class RayEngine:
         table = pa.table({
             "idx": pa.array(range(len(refs)), pa.int64()),
             "path": pa.array([os.fsencode(r.path) for r in refs], pa.binary()),
+            "etag": pa.array([r.etag or "" for r in refs], pa.string()),
         })
         rows = max(1, min(MAX_ROWS_PER_BLOCK, math.ceil(len(refs) / (4 * max(engine.workers, 1)))))
         ds = self._ray.data.from_arrow([table.slice(i, rows) for i in range(0, len(refs), rows)])

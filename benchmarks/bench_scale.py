@@ -1,0 +1,180 @@
+"""Resume at scale: the journal's index and the resume check over millions of done images, no model.
+
+Writes a recorded journal of N synthetic done records (each with two detections, RLE masks included,
+as ``api.finish_image`` writes them), then, in a fresh process per step so RSS is the step's own:
+
+- ``rebuild``: the first open of that journal (no index yet: every record is read once into
+  ``journal.index``);
+- ``resume``: a later run's start: open the journal (index current) and check N refs, generated one at
+  a time, with ``Journal.pending`` as ``api.predict`` does; prints its start-up time, peak RSS and the
+  resident growth per image over the process's RSS after imports;
+- ``dict`` (baseline, measured in the same run): the in-memory index the journal had before
+  (one ``Entry`` per path in a dict), built from the same records;
+- ``refs``: what a scan holds per image (a list of N ``ImageRef``), for comparison.
+
+Usage: python benchmarks/bench_scale.py [--images 1000000 5000000] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def rel_path(i: int) -> str:
+    """The i-th path in path order (as a scan hands them over): 1,000 frames a folder."""
+    return f"site-{i // 1_000_000:02d}/camera-{i // 1000 % 1000:03d}/frame_{i:09d}.jpg"
+
+
+def write_journal(out: Path, n: int) -> None:
+    """N done records, written the way ``Journal.add`` writes them (compact JSON, one per line)."""
+    det = {"bbox": [10.5, 20.25, 30.0, 40.75], "score": 0.9, "category_id": 1, "area": 1200,
+           "segmentation": {"size": [600, 800], "counts": "eNpjYGBgYGBgYGBgYGBgYGBgYGBgYGBgYGA="}}
+    tail = json.dumps({"writers": ["coco"], "detections": [det, det]}, separators=(",", ":"))[1:]
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "journal.jsonl", "w", encoding="utf-8") as fh:
+        for i in range(n):
+            rel = rel_path(i)
+            head = json.dumps({"kind": "done", "image_id": i + 1, "rel_path": rel, "path": "/data/" + rel,
+                               "size": 100_000 + i % 5000, "mtime_ns": 1_700_000_000_000_000_000 + i,
+                               "width": 800, "height": 600}, separators=(",", ":"))
+            fh.write(head[:-1] + "," + tail + "\n")
+
+
+def rss_kb() -> int:
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def step(name: str, out: Path, n: int) -> dict:
+    """One measurement, in this (fresh) process."""
+    from maskseg.journal import Journal
+    from maskseg.sources import ImageRef
+
+    base = rss_kb()
+    t0 = time.perf_counter()
+    result: dict = {"step": name, "images": n}
+    if name == "rebuild":
+        (out / "journal.index").unlink(missing_ok=True)
+        j = Journal(out)
+        result["open_s"] = time.perf_counter() - t0
+        result["counts"] = j.counts
+        j.close()
+    elif name == "resume":
+        j = Journal(out)
+        result["open_s"] = time.perf_counter() - t0
+        refs = (ImageRef("/data/" + rel, rel, rel[:-4], 100_000 + i % 5000, 1_700_000_000_000_000_000 + i)
+                for i, rel in ((i, rel_path(i)) for i in range(n)))
+        todo, skipped = j.pending(refs, ("coco",))  # as api.predict checks a scan's refs
+        result["todo"] = len(todo)
+        assert skipped == n, skipped
+        result["start_s"] = time.perf_counter() - t0
+        j.close()
+    elif name == "dict":
+        from maskseg.journal import Entry
+
+        entries: dict[str, Entry] = {}
+        offset = 0
+        with open(out / "journal.jsonl", "rb") as fh:
+            for line in fh:
+                r = json.loads(line)
+                entries[r["rel_path"]] = Entry("done", r["size"], r["mtime_ns"], offset, r["image_id"],
+                                               writers=tuple(r["writers"]))
+                offset += len(line)
+        result["open_s"] = time.perf_counter() - t0
+    elif name == "scan":  # out is a folder tree of n empty .jpg files: scan_sources as predict runs it
+        from maskseg.sources import scan_sources
+
+        scan = scan_sources([str(out)])
+        result["open_s"] = time.perf_counter() - t0
+        assert len(scan.refs) == n, len(scan.refs)
+    elif name == "refs":
+        refs = []
+        for i in range(n):
+            rel = rel_path(i)
+            refs.append(ImageRef("/data/" + rel, rel, rel[:-4], 100_000 + i % 5000, 1_700_000_000_000_000_000 + i))
+        result["open_s"] = time.perf_counter() - t0
+    result["rss_after_mb"] = rss_kb() / 1024
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["growth_b_per_image"] = (rss_kb() - base) * 1024 / n
+    return result
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, nargs="+", default=[1_000_000, 5_000_000])
+    ap.add_argument("--keep", type=Path, help="folder to keep the journals in (default: a temp folder)")
+    ap.add_argument("--baseline-max", type=int, default=1_000_000,
+                    help="measure the dict baseline and the refs list only up to this many images")
+    ap.add_argument("--scan-files", type=int, default=0,
+                    help="also scan a tree of this many empty .jpg files (made once under --keep)")
+    ap.add_argument("--step", nargs=3, metavar=("NAME", "OUT", "N"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.step:
+        print(json.dumps(step(args.step[0], Path(args.step[1]), int(args.step[2]))))
+        return
+    print(f"CPU: {cpu_model()} ({os.cpu_count()} logical CPUs); Python {platform.python_version()}")
+    top = args.keep or Path(tempfile.mkdtemp(prefix="maskseg-scale-"))
+    if args.scan_files:
+        n, tree = args.scan_files, top / f"tree-{args.scan_files}"
+        if not tree.exists():
+            for i in range(n):
+                p = tree / rel_path(i)
+                p.parent.mkdir(parents=True, exist_ok=True)
+                p.touch()
+        r = subprocess.run([sys.executable, __file__, "--step", "scan", str(tree), str(n)], capture_output=True,
+                           text=True, check=True)
+        res = json.loads(r.stdout.splitlines()[-1])
+        print(f"\nscan of {n:,} files: {res['open_s']:.2f} s; peak RSS {res['peak_rss_mb']:.1f} MiB, "
+              f"resident growth {res['growth_b_per_image']:.1f} B/image (the refs a run holds)")
+    for n in args.images:
+        out = top / f"out-{n}"
+        t0 = time.perf_counter()
+        if not (out / "journal.jsonl").exists():
+            write_journal(out, n)
+        size_mb = (out / "journal.jsonl").stat().st_size / 2**20
+        print(f"\n{n:,} done records: journal.jsonl {size_mb:,.0f} MiB (written in {time.perf_counter() - t0:.1f} s)")
+        steps = ["rebuild", "resume"] + (["dict", "refs"] if n <= args.baseline_max else [])
+        results = {}
+        for name in steps:
+            r = subprocess.run([sys.executable, __file__, "--step", name, str(out), str(n)], capture_output=True,
+                               text=True, check=True)
+            results[name] = res = json.loads(r.stdout.splitlines()[-1])
+            extra = f", start (open + check {n:,} refs) {res['start_s']:.2f} s, todo {res['todo']}" \
+                if name == "resume" else ""
+            print(f"  {name:8} open {res['open_s']:6.2f} s{extra}; peak RSS {res['peak_rss_mb']:7.1f} MiB, "
+                  f"resident growth {res['growth_b_per_image']:6.1f} B/image")
+        index_mb = (out / "journal.index").stat().st_size / 2**20
+        print(f"  journal.index on disk: {index_mb:,.0f} MiB ({index_mb * 2**20 / n:.0f} B/image)")
+        if "dict" in results:
+            ratio = results["dict"]["growth_b_per_image"] / max(results["resume"]["growth_b_per_image"], 1)
+            print(f"  resident growth: dict baseline / index = {ratio:.0f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""--engine ray on a real two-node Ray cluster on this machine (Ray's own ``cluster_utils.Cluster``: two
+raylets with their own ports and object stores): the CLI joins it with --ray-address and gives the local
+engine's outputs; model actors land on both nodes; a node removed mid-run loses no image."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pytest
+
+from maskseg.engine import LocalEngine
+from maskseg.engine.ray import ModelWorker, RayEngine
+from maskseg.sources import scan_sources
+
+from ..conftest import run_cli
+from ..test_merge import comparable_outputs
+from .test_ray import COMMON, _config, photos  # noqa: F401 - photos is a fixture used here
+
+pytest.importorskip("ray.data")
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+    """An S3 server (moto) on loopback, named by AWS_ENDPOINT_URL in the environment the Ray nodes start
+    with (a worker reads objects with its own node's credentials), or None without s3fs and moto."""
+    try:
+        import s3fs  # noqa: F401
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        yield None
+        return
+    srv = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    srv.start()
+    host, port = srv.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    yield env["AWS_ENDPOINT_URL"]
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_endpoint):
+    """A head node (3 CPUs) and a worker node (2 CPUs), not joined by this process until a run does."""
+    from ray.cluster_utils import Cluster
+
+    c = Cluster(initialize_head=True, connect=False,
+                head_node_args={"num_cpus": 3, "object_store_memory": 150 * 1024**2, "include_dashboard": False})
+    worker = c.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
+    c.wait_for_nodes()
+    yield c, worker
+    import ray
+
+    ray.shutdown()
+    c.shutdown()
+
+
+def test_the_cli_joins_a_two_node_cluster_with_the_local_engines_outputs(cluster, photos, tiny_checkpoint,  # noqa: F811
+                                                                         tmp_path, monkeypatch):
+    c, _ = cluster
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one torch thread, as in each Ray worker: the same float math
+    local, on_ray = tmp_path / "local", tmp_path / "ray"
+    r = run_cli("predict", photos, "-o", local, "--weights", tiny_checkpoint, *COMMON)
+    assert r.returncode == 3, r.stderr
+    r = run_cli("predict", photos, "-o", on_ray, "--weights", tiny_checkpoint, "--engine", "ray", "--workers", "2",
+                "--ray-address", c.address, *COMMON)
+    assert r.returncode == 3, r.stderr
+    assert "Traceback" not in r.stderr and "done 12," in r.stderr
+    assert comparable_outputs(on_ray) == comparable_outputs(local)
+
+
+def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(cluster, photos, tiny_checkpoint,  # noqa: F811
+                                                                    tmp_path):
+    c, worker = cluster
+    nodes = tmp_path / "nodes"
+    nodes.mkdir()
+
+    class RecordsItsNode(ModelWorker):
+        """Writes the id of the node it runs on, one file per actor process."""
+
+        def __init__(self, *args, **kwargs):
+            import ray
+
+            super().__init__(*args, **kwargs)
+            (nodes / f"{os.getpid()}-{ray.get_runtime_context().get_node_id()}").touch()
+
+    config = _config(tiny_checkpoint, workers=2, address=c.address)
+    refs = scan_sources([str(photos)]).refs
+    engine = RayEngine(config, actor_cls=RecordsItsNode)
+    engine.start()
+    results = []
+    try:
+        for step in engine.run(refs):
+            results.append(step)
+            if len(results) == 1:  # the worker node goes away (a preempted machine) with work in flight
+                placed = {p.name.split("-", 1)[1] for p in nodes.iterdir()}
+                assert placed == {c.head_node.node_id, worker.node_id}, "the actors did not land on both nodes"
+                c.remove_node(worker, allow_graceful=False)
+    finally:
+        engine.close()
+    done = [d.ref.rel_path for r in results for d in r.images]
+    failed = [f.ref.rel_path for r in results for f in r.failures]
+    assert sorted(failed) == ["a/broken.jpg", "b/strip.png"]
+    assert sorted(done + failed) == sorted(r.rel_path for r in refs)  # every image exactly once
+    assert len(done) == len(set(done))
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference = LocalEngine(config)
+        reference.start()
+        expected = {d.ref.rel_path: dets for r in reference.run(refs)
+                    for d, dets in zip(r.images, r.detections, strict=True)}
+    finally:
+        torch.set_num_threads(threads)
+    got = {d.ref.rel_path: dets for r in results for d, dets in zip(r.images, r.detections, strict=True)}
+    assert got.keys() == expected.keys()
+    for rel, dets in got.items():
+        assert np.array_equal(dets.boxes, expected[rel].boxes) and np.array_equal(dets.scores, expected[rel].scores)
+
+
+def test_workers_read_objects_from_their_urls(cluster, s3_endpoint, photos, tiny_checkpoint,  # noqa: F811
+                                               monkeypatch):
+    """s3:// inputs on the cluster: the workers read each object themselves; the driver reads none."""
+    if s3_endpoint is None:
+        pytest.skip("the s3 extra and moto[server] are not installed")
+    import boto3
+
+    from maskseg import objects
+
+    c, _ = cluster
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint)
+    s3.create_bucket(Bucket="cluster-photos")
+    for p in sorted((photos / "a").iterdir()):
+        s3.put_object(Bucket="cluster-photos", Key=f"a/{p.name}", Body=p.read_bytes())
+    refs = scan_sources(["s3://cluster-photos/"]).refs
+    assert refs and all(r.etag for r in refs)
+
+    def not_here(url, etag):
+        raise AssertionError(f"the driver read {url}")
+
+    monkeypatch.setattr(objects, "read_object", not_here)
+    engine = RayEngine(_config(tiny_checkpoint, workers=2, address=c.address))
+    engine.start()
+    try:
+        results = list(engine.run(refs))
+    finally:
+        engine.close()
+    done = {d.ref.rel_path: d.size for r in results for d in r.images}
+    failed = {f.ref.rel_path: f.reason for r in results for f in r.failures}
+    assert sorted(failed) == ["a/broken.jpg"] and len(done) + 1 == len(refs)
+    assert all(done[r.rel_path] == r.size for r in refs if r.rel_path in done)
+
+
+if __name__ == "__main__":
+    sys.exit(pytest.main([__file__, "-q"]))
