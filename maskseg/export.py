@@ -256,7 +256,8 @@ def check_against_torch(data: bytes, loaded: Any, photos: list[tuple[str, np.nda
     out = []
     for name, rgb in photos:
         size = (int(rgb.shape[0]), int(rgb.shape[1]))
-        ref = raw_to_detections(torch_backend.infer([rgb])[0], size, mask_thresh=0.5)
+        with graph_nms():
+            ref = raw_to_detections(torch_backend.infer([rgb])[0], size, mask_thresh=0.5)
         cand = raw_to_detections(onnx_backend.infer([rgb])[0], size, mask_thresh=0.5)
         parity = compare_detections(ref, cand, name)
         log.info("check %s", parity.describe())
@@ -291,6 +292,32 @@ def _trace(loaded: Any, example: np.ndarray, opset: int) -> bytes:
     for w in {str(w.message).splitlines()[0] for w in caught}:
         log.debug("exporter: %s", w)
     return buffer.getvalue()
+
+
+@contextmanager
+def graph_nms() -> Iterator[None]:
+    """While the torch reference runs, give torchvision's ``batched_nms`` the graph's one NMS over
+    class- (or level-) offset boxes (``_batched_nms_coordinate_trick``, what tracing records).
+
+    Eager torchvision on the CPU switches to one NMS per class or level above 4000 box coordinates and
+    then orders the survivors with an unstable sort. The two are the same function of the scores, except
+    where scores tie exactly; then which boxes fill the RPN's first ``post_nms_top_n`` depends on the tie
+    order alone. A Mask R-CNN whose RPN objectness saturates (thousands of proposals at exactly 1.0 in
+    float32, as in benchmarks/bench_predict.py's 30x objectness) then gets wholly different proposals,
+    and detections, in eager torch and in a faithful export. The check compares like with like.
+    """
+    import torchvision.ops.boxes as box_ops
+
+    original = box_ops.batched_nms
+
+    def batched_nms(boxes: Any, scores: Any, idxs: Any, iou_threshold: float) -> Any:
+        return box_ops._batched_nms_coordinate_trick(boxes, scores, idxs, iou_threshold)
+
+    box_ops.batched_nms = batched_nms
+    try:
+        yield
+    finally:
+        box_ops.batched_nms = original
 
 
 @contextmanager

@@ -83,3 +83,25 @@ def test_export_refuses_bad_options_before_any_work(tmp_path, monkeypatch, confi
     with pytest.raises(UsageError, match=message):
         export_onnx(tmp_path / out_name, config)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_export_check_holds_when_rpn_scores_tie(tmp_path):
+    """An RPN whose objectness saturates (every proposal exactly 1.0 in float32, as with a ResNet-50 whose
+    objectness is scaled 30x) keeps proposals by tie order alone: eager torch (one NMS per level, then an
+    unstable sort) and the traced graph (one NMS over level-offset boxes) then keep different ones. The
+    export is faithful to torchvision's traced path, and its check compares it with that path."""
+    pytest.importorskip("onnxruntime")
+    import torch
+
+    from maskseg.models import Category, save_checkpoint
+    from maskseg.synth import TINY_ARCH, random_maskrcnn
+
+    model = random_maskrcnn(num_classes=4, min_size=160, max_size=256)
+    with torch.no_grad():
+        model.rpn.head.cls_logits.bias.fill_(100.0)
+    save_checkpoint(tmp_path / "tied.pt", model, arch="small", arch_kwargs=TINY_ARCH,
+                    categories=[Category(i, i, f"c{i}") for i in range(1, 4)])
+    # 320 px: enough proposals survive NMS that the RPN's first 1000 are picked among ties.
+    config = ModelConfig(weights=str(tmp_path / "tied.pt"), min_size=320, max_size=512)
+    report = export_onnx(tmp_path / "tied.onnx", ExportConfig(model=config, check_images=(str(SAMPLES / "coins.png"),)))
+    assert report.checks[0].ok and report.checks[0].reference > 0
