@@ -73,8 +73,10 @@ def make_weights(path: Path) -> None:
     """A torchvision-format ResNet-50 FPN state dict (91 COCO slots) giving 100 detections per image.
 
     The classifier is scaled so scores spread over (0.05, 0.9) instead of saturating at 1.0, and the
-    RPN's objectness logits are spread 30x wider than at random init (std 0.01): with hundreds of near
-    ties, which proposals and detections are kept would depend on the last bits of float rounding.
+    RPN's objectness logits are spread 1.5x wider than at random init (std 0.01): with hundreds of near
+    ties, which proposals and detections are kept would depend on the last bits of float rounding. (30x,
+    used before, overshot: logits up to ~237 made most proposals score exactly 1.0 in float32, and tie
+    order, not the model, chose which 1000 the RPN kept.)
     """
     import torch
 
@@ -84,7 +86,7 @@ def make_weights(path: Path) -> None:
     model = random_maskrcnn("maskrcnn_resnet50_fpn", num_classes=91, min_size=800, max_size=1333, class_bias=2.0)
     real = {c.label for c in coco_categories()}
     with torch.no_grad():
-        model.rpn.head.cls_logits.weight.mul_(30.0)
+        model.rpn.head.cls_logits.weight.mul_(1.5)
         cls = model.roi_heads.box_predictor.cls_score
         cls.weight.mul_(0.2)
         for i in range(1, 91):
