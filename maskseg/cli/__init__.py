@@ -8,7 +8,10 @@
 from __future__ import annotations
 
 import gc
+import os
+import signal
 import sys
+import threading
 
 import typer
 
@@ -58,6 +61,17 @@ def main() -> None:
         typer.echo("maskseg: interrupted", err=True)
         sys.exit(130)
     finally:
+        # The command is over and its outputs are written: a signal from now on (a second Ctrl-C or
+        # SIGTERM while the interpreter joins its threads at exit) ends the process at once with
+        # 128 + signal, instead of raising KeyboardInterrupt inside the interpreter's shutdown (abort).
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(signum, _exit_at_once)
         # The process ends here: with every object frozen, the interpreter's last collections skip
         # torch's and the model's millions of objects (measured: exit 0.9 s -> 0.2 s on 2 cores).
         gc.freeze()
+
+
+def _exit_at_once(signum: int, frame: object) -> None:
+    sys.stderr.flush()
+    os._exit(128 + signum)
