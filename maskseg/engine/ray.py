@@ -60,6 +60,16 @@ def require_ray() -> Any:
     return ray
 
 
+def import_ray_data() -> None:
+    """Ray worker setup hook: import ``ray.data`` whole before a task unpickles one of its submodules.
+
+    Ray 2.60's ray.data has an import cycle that fails ("cannot import name 'InputData' from partially
+    initialized module") when a fresh worker's first import of it is a planner module, as happens to
+    a worker started after a node is lost mid-run.
+    """
+    import ray.data  # noqa: F401
+
+
 def decode_rows(batch: dict[str, np.ndarray], *, max_pixels: int, uint16: str = DEFAULT_UINT16) -> dict[str, Any]:
     """Ray Data task: rows ``idx``, ``path`` (file-system bytes) -> the same plus ``rgb`` ([H, W, 3]
     uint8; [0, 0, 3] on failure), ``size``, ``mtime_ns`` (of the bytes read; -1 when not read whole) and
@@ -201,7 +211,8 @@ class RayEngine:
         engine = self.config.engine
         quiet = not log.isEnabledFor(logging.DEBUG)
         common: dict[str, Any] = {"logging_level": logging.WARNING if quiet else logging.INFO,
-                                  "log_to_driver": not quiet}
+                                  "log_to_driver": not quiet,
+                                  "runtime_env": {"worker_process_setup_hook": f"{__name__}.import_ray_data"}}
         if engine.address:
             try:
                 ray.init(address=engine.address, **common)
