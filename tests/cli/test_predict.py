@@ -216,3 +216,24 @@ def test_agnostic_nms_is_a_recorded_setting(images, tiny_checkpoint, tmp_path):
     assert json.loads((out / "run.json").read_text())["settings"]["agnostic_nms"] == 0.5
     r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco")
     assert r.returncode == 2 and "agnostic_nms" in r.stderr
+
+
+def test_list_file_run_matches_folder_run_and_leaves_no_scan_database(images, tiny_checkpoint, tmp_path):
+    """A list naming the folder's images (shuffled, repeated, with a hard link and a shared stem) gives the
+    same outputs as the folder; the scan's temporary database lives in OUT only while the run reads it."""
+    shutil.copy(SAMPLES / "coins.png", images / "sub" / "rocket.png")  # shares sub/rocket.jpg's stem
+    lst = tmp_path / "list.txt"
+    lst.write_text("photos/sub/rocket.png\nphotos/chelsea.png\nphotos/sub/6.jpg\nphotos/coins.png\n"
+                   "photos/sub/rocket.jpg\nphotos/./chelsea.png\n")
+    runs = {}
+    for name, source in (("folder", str(images)), ("list", f"@{lst}")):
+        out = tmp_path / name
+        r = run_cli("predict", source, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco,overlay")
+        assert r.returncode == 0, r.stderr
+        assert not [p for p in out.rglob("*") if ".maskseg-scan-" in p.name]
+        runs[name] = (json.loads((out / "predictions.json").read_text()),
+                      sorted(str(p.relative_to(out)) for p in (out / "overlays").rglob("*.*")))
+    assert runs["list"] == runs["folder"]
+    assert [img["file_name"] for img in runs["list"][0]["images"]] == [
+        "chelsea.png", "coins.png", "sub/6.jpg", "sub/rocket.jpg", "sub/rocket.png"]
+    assert "overlays/sub/rocket_jpg.jpg" in runs["list"][1] and "overlays/sub/rocket_png.jpg" in runs["list"][1]
