@@ -4,12 +4,15 @@ Rows go in as the walk finds them (``add``); ``finish`` names each by its path r
 common root, keeps the first row of each relative path and then of each file (device, inode), marks the
 stems several images share, and numbers the images in relative-path order. They are read back a row at a
 time (``rows``), by position (``row``) or through a selection (``select``), so a scan of millions of
-files holds none of them in memory. The database file is unlinked as soon as it is open, as sqlite does
-for its own temporary databases: it never outlives the process, and its space is freed when it is closed.
+files holds none of them in memory. A small scan's database stays in memory; a large one moves to a file
+that is unlinked as soon as it is open, as sqlite does for its own temporary databases: it never outlives
+the process, and its space is freed when it is closed.
 """
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import sqlite3
 import tempfile
@@ -23,6 +26,9 @@ CREATE TABLE found (seq INTEGER PRIMARY KEY, path BLOB NOT NULL, size INTEGER, m
                     dev INTEGER, ino INTEGER, etag TEXT, problem BLOB);
 """
 _CACHE_KIB = 16 * 1024  # sqlite's page cache (and sort memory): a fixed amount, whatever the scan's size
+MEMORY_ROWS = 50_000  # inputs a scan keeps in an in-memory database (a few MiB) before it moves to a file
+_ROWS_PER_TX = 10_000
+_SQLITE_FULL, _SQLITE_IOERR = 13, 10  # sqlite's primary result codes (named in the sqlite3 module from 3.11)
 
 
 class FoundRow(NamedTuple):
@@ -50,6 +56,26 @@ class StoredRef(NamedTuple):
     etag: str | None
 
 
+def _connect(name: str) -> sqlite3.Connection:
+    # isolation_level None: transactions are the explicit BEGIN/COMMIT below. No rollback journal (the
+    # database is private and thrown away on any error), so the file is the only one there is.
+    db = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
+    for pragma in ("journal_mode = OFF", "synchronous = OFF", f"cache_size = -{_CACHE_KIB}"):
+        db.execute(f"PRAGMA {pragma}")
+    return db
+
+
+def _os_error(exc: sqlite3.Error, folder: str | None) -> BaseException:
+    """A full disk or an I/O error as the ``OSError`` it is (callers word those for users); others as they are."""
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+; before, sqlite's message tells
+    full = code & 0xFF == _SQLITE_FULL if code is not None else "disk is full" in str(exc)
+    io = code & 0xFF == _SQLITE_IOERR if code is not None else "disk I/O error" in str(exc)
+    if full or io:
+        err = errno.ENOSPC if full else errno.EIO
+        return OSError(err, os.strerror(err), folder or tempfile.gettempdir())
+    return exc
+
+
 def _enc(text: str) -> bytes:
     return text.encode("utf-8", "surrogatepass")
 
@@ -59,25 +85,37 @@ def _dec(data: bytes) -> str:
 
 
 class ScanStore:
-    """The temporary database of one scan, in ``folder`` (default: the system's temporary folder)."""
+    """The temporary database of one scan: in memory while it is small, then in ``folder`` (default: the
+    system's temporary folder) once more than ``memory_rows`` inputs were found."""
 
-    def __init__(self, folder: str | None = None) -> None:
-        fd, name = tempfile.mkstemp(prefix=".maskseg-scan-", suffix=".sqlite", dir=folder)
-        os.close(fd)
-        try:
-            # isolation_level None: transactions are the explicit BEGIN/COMMIT below.
-            self._db = sqlite3.connect(name, isolation_level=None, check_same_thread=False)
-            # No rollback journal (the file is private and thrown away on any error): nothing but the
-            # one file, which is unlinked at once, so a killed run leaves nothing behind.
-            self._db.execute("PRAGMA journal_mode = OFF")
-            self._db.execute("PRAGMA synchronous = OFF")
-            self._db.execute(f"PRAGMA cache_size = -{_CACHE_KIB}")
-            self._db.executescript(_SCHEMA)
-        finally:
-            os.unlink(name)
+    def __init__(self, folder: str | None = None, *, memory_rows: int = MEMORY_ROWS) -> None:
+        self.folder = folder
+        self.memory_rows = memory_rows
+        self._db = _connect(":memory:")
+        self._db.executescript(_SCHEMA)
+        self.on_disk = False
         self.prefix = ""  # what a stored NULL path stands for: prefix + rel_path
         self.count = 0
+        self._found = 0
         self._selections = 0
+
+    def _spill(self) -> None:
+        """Move the database to a file in ``folder``, unlinked as soon as it is open (a kill leaves nothing)."""
+        fd, name = tempfile.mkstemp(prefix=".maskseg-scan-", suffix=".sqlite", dir=self.folder)
+        os.close(fd)
+        try:
+            disk = _connect(name)
+        finally:
+            os.unlink(name)
+        try:
+            self._db.backup(disk)
+        except sqlite3.Error as exc:
+            disk.close()
+            self._db.close()
+            raise _os_error(exc, self.folder) from None
+        self._db.close()
+        self._db = disk
+        self.on_disk = True
 
     def close(self) -> None:
         """Close the database (its disk space is freed); rows can no longer be read."""
@@ -85,9 +123,14 @@ class ScanStore:
 
     def add(self, rows: Iterable[FoundRow]) -> None:
         """Store ``rows`` in the order given (the order decides which duplicate is kept)."""
-        self._bulk("INSERT INTO found (path, size, mtime_ns, dev, ino, etag, problem) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                   ((_enc(r.path), r.size, r.mtime_ns, r.dev, r.ino, r.etag,
-                     None if r.problem is None else _enc(r.problem)) for r in rows))
+        it = iter(rows)
+        while chunk := list(itertools.islice(it, _ROWS_PER_TX)):
+            self._bulk("INSERT INTO found (path, size, mtime_ns, dev, ino, etag, problem) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       [(_enc(r.path), r.size, r.mtime_ns, r.dev, r.ino, r.etag,
+                         None if r.problem is None else _enc(r.problem)) for r in chunk])
+            self._found += len(chunk)
+            if not self.on_disk and self._found > self.memory_rows:
+                self._spill()
 
     def finish(self, relative: Callable[[str], str], stem_of: Callable[[str], str], prefix: str
                ) -> list[tuple[str, str, str]]:
@@ -191,6 +234,9 @@ class ScanStore:
             else:
                 self._db.executemany(sql, params)
             self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._db.close()
+            raise _os_error(exc, self.folder if self.on_disk else None) from None
         except BaseException:
             self._db.close()
             raise

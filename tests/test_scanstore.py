@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sqlite3
 
@@ -72,13 +73,17 @@ def test_rows_by_position_and_selections(tmp_path):
     assert [s.rel_path for _, s in store.rows(tens)] == [f"{i:03d}.jpg" for i in range(1, 100, 10)]
 
 
-def test_the_file_is_gone_at_once_and_freed_on_close(tmp_path):
+def test_small_in_memory_large_in_a_file_gone_at_once_and_freed_on_close(tmp_path):
     before = _open_scan_files()
-    store = ScanStore(str(tmp_path))
-    store.add([_image("/r/a.jpg")])
-    _finish(store)
+    small = ScanStore(str(tmp_path), memory_rows=2)
+    small.add(_image(f"/r/{i}.jpg") for i in range(2))
+    assert not small.on_disk and _open_scan_files() == before
+    store = ScanStore(str(tmp_path), memory_rows=2)
+    store.add(_image(f"/r/{i}.jpg") for i in range(3))
+    assert store.on_disk and _open_scan_files() == before + 1
     assert list(tmp_path.iterdir()) == []  # unlinked as soon as it was open: a kill leaves nothing
-    assert _open_scan_files() == before + 1
+    _finish(store)
+    assert [s.rel_path for _, s in store.rows()] == ["0.jpg", "1.jpg", "2.jpg"]
     store.close()
     assert _open_scan_files() == before
     with pytest.raises(sqlite3.ProgrammingError):
@@ -91,10 +96,33 @@ def test_a_failing_producer_closes_the_store(tmp_path):
         raise RuntimeError("walk failed")
 
     before = _open_scan_files()
-    store = ScanStore(str(tmp_path))
+    store = ScanStore(str(tmp_path), memory_rows=0)
     with pytest.raises(RuntimeError, match="walk failed"):
         store.add(rows())
     assert _open_scan_files() == before
+
+
+def test_a_full_disk_is_an_oserror(tmp_path, monkeypatch):
+    """sqlite's "database or disk is full" reaches the caller as ENOSPC, which predict words for users."""
+    store = ScanStore(str(tmp_path), memory_rows=0)
+    store.add([_image("/r/a.jpg")])
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorcode = 13  # SQLITE_FULL
+
+    class Full:
+        def execute(self, sql, *args):
+            pass
+
+        def executemany(self, sql, rows):
+            raise full
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(store, "_db", Full())
+    with pytest.raises(OSError) as caught:
+        store.add([_image("/r/b.jpg")])
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(tmp_path)
 
 
 def _open_scan_files() -> int:

@@ -228,12 +228,15 @@ def test_list_file_run_matches_folder_run_and_leaves_no_scan_database(images, ti
     runs = {}
     for name, source in (("folder", str(images)), ("list", f"@{lst}")):
         out = tmp_path / name
-        r = run_cli("predict", source, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco,overlay")
+        r = run_cli("predict", source, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco,yolo")
         assert r.returncode == 0, r.stderr
         assert not [p for p in out.rglob("*") if ".maskseg-scan-" in p.name]
-        runs[name] = (json.loads((out / "predictions.json").read_text()),
-                      sorted(str(p.relative_to(out)) for p in (out / "overlays").rglob("*.*")))
+        labels = {str(p.relative_to(out / "yolo")): p.read_text() for p in (out / "yolo").rglob("*.txt")}
+        predictions = json.loads((out / "predictions.json").read_text())
+        del predictions["info"]  # its date_created is the run's
+        runs[name] = (predictions, labels)
     assert runs["list"] == runs["folder"]
     assert [img["file_name"] for img in runs["list"][0]["images"]] == [
         "chelsea.png", "coins.png", "sub/6.jpg", "sub/rocket.jpg", "sub/rocket.png"]
-    assert "overlays/sub/rocket_jpg.jpg" in runs["list"][1] and "overlays/sub/rocket_png.jpg" in runs["list"][1]
+    assert sorted(runs["list"][1]) == ["labels/chelsea.txt", "labels/coins.txt", "labels/sub/6.txt",
+                                       "labels/sub/rocket_jpg.txt", "labels/sub/rocket_png.txt"]
