@@ -179,8 +179,9 @@ def scan_sources(
     Each input is ``-`` (paths on ``stdin``: a stream or an iterable of lines), ``@LIST`` (a list
     file), a folder, a file or a glob, or an object storage URL (``s3://bucket/prefix/``, an object,
     a glob; see ``objects.py``); lists may hold URLs too. ``exclude`` is a folder (the output folder) never read from.
-    What is found goes into a temporary database in ``spill_dir`` (default: the system's temporary
-    folder), which sorts and de-duplicates it: the scan's memory does not grow with its size.
+    What is found goes into a temporary sqlite database (``scanstore``: in memory while small, then a file
+    in ``spill_dir``, by default the system's temporary folder), which sorts and de-duplicates it, so the
+    scan's memory does not grow with the number of inputs.
     Raises ``SourceError`` for an input that names nothing (missing path, unreadable list file), one
     inside ``exclude``, or a list past ``limits``.
     """
