@@ -105,13 +105,16 @@ def predict(
             for tmp in stale_temp_files(out):
                 tmp.unlink(missing_ok=True)
             scan = _scan(inputs, out, config, summary, stdin)
-            # run.json records what runs (auto -> bf16 or fp32), so resume never mixes the two.
-            run_file = check_settings(out, config, precision=resolve_model_precision(config.model).name)
-            journal = Journal(out)
             try:
-                _Run(out, config, journal, summary, progress or SilentProgress(), stop).run(scan, run_file)
+                # run.json records what runs (auto -> bf16 or fp32), so resume never mixes the two.
+                run_file = check_settings(out, config, precision=resolve_model_precision(config.model).name)
+                journal = Journal(out)
+                try:
+                    _Run(out, config, journal, summary, progress or SilentProgress(), stop).run(scan, run_file)
+                finally:
+                    journal.close()
             finally:
-                journal.close()
+                scan.close()
     except OSError as exc:  # anything not turned into a message closer to where it happened
         raise output_error(Path(exc.filename) if exc.filename else out, exc) from None
     summary.seconds = round(time.monotonic() - started, 3)
@@ -120,7 +123,8 @@ def predict(
 
 def _scan(inputs: list[str] | tuple[str, ...], out: Path, config: PredictConfig, summary: RunSummary,
           stdin: Any) -> SourceScan:
-    scan = scan_sources(inputs, recursive=config.recursive, exclude=str(out), stdin=stdin)
+    # The scan's database goes in OUT: on the disk the run writes to (a temporary folder may be in RAM).
+    scan = scan_sources(inputs, recursive=config.recursive, exclude=str(out), stdin=stdin, spill_dir=str(out))
     summary.found = len(scan.refs)
     if not scan.refs and not scan.problems:
         log.warning("no images found in %s", " ".join(inputs))

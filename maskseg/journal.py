@@ -16,13 +16,13 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import LockedError, OutputError
-from .sources import ImageRef
+from .sources import ImageRef, ScanRefs
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,29 @@ class Journal:
         found = self._db.execute(f"SELECT {_FIELDS} FROM entries WHERE rel = ?", (_key(rel_path),)).fetchone()
         return _entry(found) if found is not None else None
 
-    def pending(self, refs: Iterable[ImageRef], writers: tuple[str, ...]) -> tuple[list[ImageRef], int]:
+    def pending(self, refs: Iterable[ImageRef], writers: tuple[str, ...]) -> tuple[Sequence[ImageRef], int]:
         """The refs still to do, and how many were skipped as done: what ``is_done`` and
-        ``is_known_failure`` (any reason) say ref by ref, looked up a slice of refs per query."""
-        todo: list[ImageRef] = []
+        ``is_known_failure`` (any reason) say ref by ref, looked up a slice of refs per query.
+
+        For a scan's ``ScanRefs`` the refs to do are a ``ScanRefs`` too, kept in the scan's database, so
+        checking millions of refs holds none of them in memory; for any other iterable, a list.
+        """
         skipped = 0
+
+        def verdicts() -> Iterator[tuple[ImageRef, bool | None]]:
+            nonlocal skipped
+            for ref, todo in self._verdicts(refs, writers):
+                skipped += todo is False
+                yield ref, todo
+
+        if isinstance(refs, ScanRefs):
+            todo: Sequence[ImageRef] = refs.where(todo is True for _, todo in verdicts())
+        else:
+            todo = [ref for ref, todo in verdicts() if todo]
+        return todo, skipped
+
+    def _verdicts(self, refs: Iterable[ImageRef], writers: tuple[str, ...]) -> Iterator[tuple[ImageRef, bool | None]]:
+        """(ref, True) to do, (ref, False) done as it is, (ref, None) failed as it is: for each of ``refs``."""
         wanted = set(writers)
         it = iter(refs)
         while chunk := list(itertools.islice(it, _LOOKUP_SLICE)):
@@ -248,16 +266,17 @@ class Journal:
                 else:
                     state = found.get(key)
                 if state is None:
-                    todo.append(ref)
+                    yield ref, True
                     continue
                 done, size, mtime_ns, etag, done_by = state
                 same = size == ref.size and (etag == ref.etag if etag is not None or ref.etag is not None
                                              else mtime_ns == ref.mtime_ns)
                 if done and same and wanted <= set(done_by.split(",")):
-                    skipped += 1
+                    yield ref, False
                 elif done or not same:  # changed, or done but not by every writer of this run
-                    todo.append(ref)
-        return todo, skipped
+                    yield ref, True
+                else:
+                    yield ref, None
 
     def _rows_for(self, keys: list[bytes]) -> dict[bytes, tuple]:
         """(done, size, mtime_ns, etag, writers) of ``keys`` by key. Scan order makes a slice of refs a

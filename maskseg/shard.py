@@ -33,7 +33,7 @@ def check_shard(shard: tuple[int, int]) -> None:
 def shard_scan(scan: SourceScan, k: int, n: int) -> SourceScan:
     """The part of ``scan`` (images and problem inputs alike) that shard ``k`` of ``n`` takes."""
     check_shard((k, n))
-    refs = [r for r in scan.refs if shard_of(r.rel_path, n) == k]
+    refs = scan.refs.where(shard_of(r.rel_path, n) == k for r in scan.refs)
     problems = [p for p in scan.problems if shard_of(p.rel_path, n) == k]
     log.info("shard %d/%d: %d of %d images", k, n, len(refs), len(scan.refs))
     return replace(scan, refs=refs, problems=problems)

@@ -11,14 +11,15 @@ import os
 import re
 import stat
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES, VIDEO_EXTENSIONS
 from .errors import SourceError
 from .objects import ObjectInfo, is_url, list_objects
+from .scanstore import FoundRow, ScanStore, StoredRef
 
 log = logging.getLogger(__name__)
 
@@ -54,12 +55,81 @@ class SourceProblem:
     reason: str
 
 
+class ScanRefs(Sequence[ImageRef]):
+    """A scan's images in ``rel_path`` order, read from the scan's temporary database as they are used.
+
+    Re-iterable; ``len`` and indexing are database lookups, so millions of images cost no memory here.
+    ``where`` gives a narrower ``ScanRefs`` (kept in the same database); an empty scan has no database.
+    """
+
+    def __init__(self, store: ScanStore | None = None, selection: str | None = None, count: int | None = None) -> None:
+        self._store = store
+        self._selection = selection
+        self._count = (store.count if store is not None else 0) if count is None else count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[ImageRef]:
+        for _, ref in self._rows():
+            yield ref
+
+    @overload
+    def __getitem__(self, index: int) -> ImageRef: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[ImageRef]: ...
+
+    def __getitem__(self, index: int | slice) -> ImageRef | list[ImageRef]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._count))]
+        if index < 0:
+            index += self._count
+        if not 0 <= index < self._count or self._store is None:
+            raise IndexError(index)
+        return _image_ref(self._store.row(index, self._selection))
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str | bytes):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]  # compared by content, like a list
+
+    def __repr__(self) -> str:
+        return f"<ScanRefs: {self._count:,} images>"
+
+    def where(self, keep: Iterable[bool]) -> ScanRefs:
+        """The images whose flag in ``keep`` (one per image, in this order) is true."""
+        if self._store is None:
+            return self
+        positions = self._store.positions(self._selection)
+        name, count = self._store.select(pos for pos, flag in zip(positions, keep, strict=True) if flag)
+        return ScanRefs(self._store, name, count)
+
+    def close(self) -> None:
+        """Free the scan's database: this, and every ``ScanRefs`` of the same scan, can no longer be read."""
+        if self._store is not None:
+            self._store.close()
+
+    def _rows(self) -> Iterator[tuple[int, ImageRef]]:
+        if self._store is not None:
+            for pos, stored in self._store.rows(self._selection):
+                yield pos, _image_ref(stored)
+
+
 @dataclass
 class SourceScan:
-    """What the inputs hold: refs sorted by ``rel_path``, and the problems met while looking."""
+    """What the inputs hold: refs sorted by ``rel_path``, and the problems met while looking.
 
-    refs: list[ImageRef] = field(default_factory=list)
+    ``close`` frees the refs' temporary database (garbage collection does it too).
+    """
+
+    refs: ScanRefs = field(default_factory=ScanRefs)
     problems: list[SourceProblem] = field(default_factory=list)
+
+    def close(self) -> None:
+        self.refs.close()
 
 
 @dataclass(frozen=True)
@@ -102,28 +172,94 @@ def scan_sources(
     exclude: str | None = None,
     stdin: Iterable[str] | None = None,
     limits: ListLimits | None = None,
+    spill_dir: str | None = None,
 ) -> SourceScan:
     """Resolve INPUT arguments into sorted, de-duplicated image refs.
 
     Each input is ``-`` (paths on ``stdin``: a stream or an iterable of lines), ``@LIST`` (a list
     file), a folder, a file or a glob, or an object storage URL (``s3://bucket/prefix/``, an object,
     a glob; see ``objects.py``); lists may hold URLs too. ``exclude`` is a folder (the output folder) never read from.
+    What is found goes into a temporary sqlite database (``scanstore``: in memory while small, then a file
+    in ``spill_dir``, by default the system's temporary folder), which sorts and de-duplicates it, so the
+    scan's memory does not grow with the number of inputs.
     Raises ``SourceError`` for an input that names nothing (missing path, unreadable list file), one
     inside ``exclude``, or a list past ``limits``.
     """
     limits = limits or ListLimits()
     exclude_abs = os.path.abspath(exclude) if exclude else None
-    found: list[_Found] = []
+    store = ScanStore(spill_dir)
+    roots = _CommonRoot()
+    try:
+        store.add(roots.rows(_found(inputs, recursive, exclude_abs, stdin, limits)))
+        if len(roots.kinds) > 1:
+            raise SourceError("inputs mix object storage URLs and local paths; run them into separate output folders")
+        relative = _url_relative if True in roots.kinds else _path_relative
+        common = roots.root or ""
+        prefix = common if not common or common.endswith("/") else common + "/"
+        problems = store.finish(lambda path: relative(path, common), _stem, prefix)
+    except BaseException:
+        store.close()
+        raise
+    if not store.count:
+        store.close()
+        store = None
+    return SourceScan(ScanRefs(store), [SourceProblem(*p) for p in problems])
+
+
+def _found(inputs: Iterable[str], recursive: bool, exclude: str | None, stdin: Iterable[str] | None,
+           limits: ListLimits) -> Iterator[_Found]:
+    """Everything the inputs name, in the order given (and each folder's in name order)."""
     for item in inputs:
         if item == "-":
             stream = stdin if stdin is not None else getattr(sys.stdin, "buffer", sys.stdin)
-            lines = _read_list(stream, "standard input", limits)
-            found.extend(_from_list(lines, os.getcwd(), recursive, exclude_abs))
+            yield from _from_list(_read_list(stream, "standard input", limits), os.getcwd(), recursive, exclude)
         elif item.startswith("@"):
-            found.extend(_from_list_file(item[1:], recursive, exclude_abs, limits))
+            yield from _from_list_file(item[1:], recursive, exclude, limits)
         else:
-            found.extend(_from_argument(item, recursive, exclude_abs, explicit=True))
-    return _assemble(found)
+            yield from _from_argument(item, recursive, exclude, explicit=True)
+
+
+class _CommonRoot:
+    """The common root of every input found, and their kinds (URL or not), kept as they stream by."""
+
+    def __init__(self) -> None:
+        self.root: str | None = None
+        self.kinds: set[bool] = set()
+        self._last: str | None = None
+
+    def rows(self, found: Iterable[_Found]) -> Iterator[FoundRow]:
+        """``found`` as the store's rows, taking each new root into account."""
+        for f in found:
+            if f.root != self._last:  # inputs come a folder at a time: roots repeat
+                self._last = f.root
+                url = is_url(f.root)
+                self.kinds.add(url)
+                if self.root is None:
+                    self.root = f.root
+                elif len(self.kinds) == 1:
+                    self.root = _common_root([self.root, f.root], is_urls=url)
+            yield _row(f)
+
+
+def _row(f: _Found) -> FoundRow:
+    if f.obj is not None:
+        return FoundRow(f.path, f.obj.size, f.obj.mtime_ns, None, None, f.obj.etag, f.problem)
+    if f.stat is not None:
+        return FoundRow(f.path, f.stat.size, f.stat.mtime_ns, f.stat.dev, f.stat.ino, None, f.problem)
+    return FoundRow(f.path, None, None, None, None, None, f.problem or "unusable")
+
+
+def _stem(rel: str) -> str:
+    return str(PurePosixPath(rel).with_suffix(""))
+
+
+def _image_ref(stored: StoredRef) -> ImageRef:
+    """An image read back from the store, named ``x_png`` where another image has its stem."""
+    stem = stored.stem
+    if stored.shared:
+        p = PurePosixPath(stored.rel_path)
+        stem = str(p.with_name(p.stem + "_" + p.suffix.lstrip(".").lower()))
+    return ImageRef(stored.path, stored.rel_path, stem, stored.size, stored.mtime_ns, stored.etag)
 
 
 def _from_argument(item: str, recursive: bool, exclude: str | None, *, explicit: bool) -> Iterator[_Found]:
@@ -284,40 +420,43 @@ def _glob_to_regex(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out), re.DOTALL)
 
 
-def _read_list(stream: Any, what: str, limits: ListLimits) -> list[str]:
-    """The lines of a list: a binary or text stream read a bounded line at a time, or an iterable of
-    str. Bytes are decoded as file names are (``os.fsdecode``), so non-UTF-8 names survive."""
-    lines: list[str] = []
+def _read_list(stream: Any, what: str, limits: ListLimits) -> Iterator[str]:
+    """The lines of a list, as they are read: a binary or text stream a bounded line at a time, or an
+    iterable of str. Bytes are decoded as file names are (``os.fsdecode``), so non-UTF-8 names survive."""
     if not hasattr(stream, "readline"):
-        for line in stream:
-            if len(lines) >= limits.entries:
+        for count, line in enumerate(stream):
+            if count >= limits.entries:
                 raise SourceError(f"{what}: more than {limits.entries:,} entries; split the list")
-            lines.append(line)
-        return lines
-    total = 0
+            yield line
+        return
+    total = count = 0
     while True:
-        line = stream.readline(limits.line_bytes + 1)
+        try:
+            line = stream.readline(limits.line_bytes + 1)
+        except OSError as exc:
+            raise SourceError(f"{what}: cannot read list file: {exc.strerror}") from None
         if not line:
-            return lines
+            return
         total += len(line)
         if len(line) > limits.line_bytes:
-            raise SourceError(f"{what}: line {len(lines) + 1} is over {limits.line_bytes:,} bytes; "
+            raise SourceError(f"{what}: line {count + 1} is over {limits.line_bytes:,} bytes; "
                               "not a list of paths")
         if total > limits.total_bytes:
             raise SourceError(f"{what}: over {limits.total_bytes:,} bytes; split the list")
-        if len(lines) >= limits.entries:
+        if count >= limits.entries:
             raise SourceError(f"{what}: more than {limits.entries:,} entries; split the list")
-        lines.append(os.fsdecode(line) if isinstance(line, bytes) else line)
+        count += 1
+        yield os.fsdecode(line) if isinstance(line, bytes) else line
 
 
 def _from_list_file(list_path: str, recursive: bool, exclude: str | None, limits: ListLimits) -> Iterator[_Found]:
     try:
-        with open(list_path, "rb") as fh:
-            lines = _read_list(fh, list_path, limits)
+        fh = open(list_path, "rb")  # noqa: SIM115 - closed below, once its lines have been walked
     except OSError as exc:
         raise SourceError(f"{list_path}: cannot read list file: {exc.strerror}") from None
-    base = os.path.dirname(os.path.abspath(list_path))
-    yield from _from_list(lines, base, recursive, exclude)
+    with fh:
+        base = os.path.dirname(os.path.abspath(list_path))
+        yield from _from_list(_read_list(fh, list_path, limits), base, recursive, exclude)
 
 
 def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: str | None) -> Iterator[_Found]:
@@ -350,50 +489,6 @@ def _inside(folder: str, path: str) -> bool:
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _assemble(found: list[_Found]) -> SourceScan:
-    scan = SourceScan()
-    if not found:
-        return scan
-    urls = [is_url(f.root) for f in found]
-    if any(urls) and not all(urls):
-        raise SourceError("inputs mix object storage URLs and local paths; run them into separate output folders")
-    relative = _url_relative if urls[0] else _path_relative
-    common = _common_root([f.root for f in found], is_urls=urls[0])
-    seen_files: set[tuple[int, int]] = set()
-    seen_paths: set[str] = set()
-    rows: list[tuple[str, _Found]] = []
-    for f in found:
-        rel = relative(f.path, common)
-        if rel in seen_paths:
-            continue
-        seen_paths.add(rel)
-        if f.stat is not None:
-            key = (f.stat.dev, f.stat.ino)
-            if key in seen_files:
-                continue
-            seen_files.add(key)
-        rows.append((rel, f))
-    rows.sort(key=lambda r: r[0])
-    stems: dict[str, int] = {}
-    for rel, f in rows:
-        if f.problem is None:
-            stem = str(PurePosixPath(rel).with_suffix(""))
-            stems[stem] = stems.get(stem, 0) + 1
-    for rel, f in rows:
-        if f.problem is not None or (f.stat is None and f.obj is None):
-            scan.problems.append(SourceProblem(f.path, rel, f.problem or "unusable"))
-            continue
-        stem = str(PurePosixPath(rel).with_suffix(""))
-        if stems[stem] > 1:
-            p = PurePosixPath(rel)
-            stem = str(p.with_name(p.stem + "_" + p.suffix.lstrip(".").lower()))
-        if f.obj is not None:
-            scan.refs.append(ImageRef(f.path, rel, stem, f.obj.size, f.obj.mtime_ns, f.obj.etag))
-        else:
-            scan.refs.append(ImageRef(f.path, rel, stem, f.stat.size, f.stat.mtime_ns))
-    return scan
-
-
 def _common_root(roots: list[str], *, is_urls: bool) -> str:
     if not is_urls:
         return os.path.commonpath(roots)
@@ -408,6 +503,9 @@ def _common_root(roots: list[str], *, is_urls: bool) -> str:
 
 
 def _path_relative(path: str, common: str) -> str:
+    prefix = common if common.endswith(os.sep) else common + os.sep
+    if os.sep == "/" and path.startswith(prefix):  # paths are normalised (abspath): relpath's answer, faster
+        return path[len(prefix):]
     return os.path.relpath(path, common).replace(os.sep, "/")
 
 

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import gc
 import os
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
 from maskseg.errors import SourceError, WriterError
-from maskseg.sources import ListLimits, scan_sources
+from maskseg.sources import ImageRef, ListLimits, ScanRefs, scan_sources
 from maskseg.writers import RunContext
 
 from .corpus import build_corpus, encode, non_utf8_rel, upright
@@ -177,3 +179,73 @@ def test_paths_are_absolute_and_rel_paths_posix(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     [ref] = scan_sources(["sub"]).refs
     assert Path(ref.path).is_absolute() and ref.rel_path == "-dash.jpg"
+
+
+def test_refs_stream_sorted_with_duplicates_and_shared_stems_resolved(tmp_path):
+    """The scan's refs come from its database in rel_path order, named exactly as the in-memory scan named
+    them: each file once (repeated inputs, hard links, symlinks), ``x_png`` where stems are shared."""
+    root = tmp_path / "in"
+    for rel in ("a.jpg", "a.png", "a.b.jpg", "a.k.jpg", "A.JPG", "b.jpg", "sub/a.jpg", "sub/a.tif",
+                "a.jpg.d/in.jpg", "\u00e9.jpg"):
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(encode(upright(), "JPEG"))
+    os.link(root / "b.jpg", root / "c.jpg")  # the same file as b.jpg, found after it: dropped
+    (root / "d.jpg").symlink_to("b.jpg")
+    latin1 = os.fsdecode(b"caf\xe9.jpg")  # not UTF-8: a lone surrogate in Python
+    with open(os.path.join(os.fsencode(root), b"caf\xe9.jpg"), "wb") as fh:
+        fh.write(encode(upright(), "JPEG"))
+    lst = tmp_path / "list.txt"
+    lst.write_text("in/a.png\nin/./b.jpg\nin/missing.jpg\nin/sub/a.tif\n")
+    scan = scan_sources([str(root), f"@{lst}", str(root / "a.jpg")])
+    expected = sorted([("A.JPG", "A"), ("a.b.jpg", "a.b"), ("a.jpg", "a_jpg"), ("a.jpg.d/in.jpg", "a.jpg.d/in"),
+                       ("a.k.jpg", "a.k"), ("a.png", "a_png"), ("b.jpg", "b"), ("sub/a.jpg", "sub/a_jpg"),
+                       ("sub/a.tif", "sub/a_tif"), ("\u00e9.jpg", "\u00e9"),
+                       (latin1, latin1[:-4])])
+    assert isinstance(scan.refs, ScanRefs) and len(scan.refs) == len(expected)
+    assert [(r.rel_path, r.out_stem) for r in scan.refs] == expected
+    assert [(p.rel_path, p.reason) for p in scan.problems] == [("missing.jpg", "listed but does not exist")]
+    first = list(scan.refs)
+    assert list(scan.refs) == first and scan.refs == first  # re-iterable, and equal to the list it streams
+    assert scan.refs[0] == first[0] and scan.refs[-1] == first[-1] and scan.refs[2:4] == first[2:4]
+    assert all(ref.path == str(root / ref.rel_path) for ref in first)
+    shard = scan.refs.where(ref.out_stem.startswith("a") for ref in scan.refs)
+    assert isinstance(shard, ScanRefs) and [r.rel_path for r in shard] == [
+        "a.b.jpg", "a.jpg", "a.jpg.d/in.jpg", "a.k.jpg", "a.png"]
+    assert shard[1].out_stem == "a_jpg" and len(shard.where(r.rel_path == "a.png" for r in shard)) == 1
+
+
+def test_refs_are_not_held_in_memory(tmp_path):
+    """A scan of a list of 3,000 entries holds no ImageRef: they exist only while they are iterated."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(3000):
+        (folder / f"{i:05d}.jpg").touch()
+    lst = tmp_path / "list.txt"
+    lst.write_text("".join(f"in/{i:05d}.jpg\n" for i in reversed(range(3000))))
+
+    def live_refs() -> int:
+        gc.collect()
+        return sum(isinstance(o, ImageRef) for o in gc.get_objects())
+
+    before = live_refs()
+    scan = scan_sources([f"@{lst}"])
+    assert live_refs() == before and len(scan.refs) == 3000
+    it = iter(scan.refs)
+    assert next(it).rel_path == "00000.jpg" and live_refs() <= before + 1
+    assert [r.rel_path for r in it][-1] == "02999.jpg"
+    scan.close()
+
+
+def test_scan_database_is_unlinked_at_once_and_closed_with_the_scan(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.jpg").write_bytes(encode(upright(), "JPEG"))
+    spill = tmp_path / "spill"
+    spill.mkdir()
+    scan = scan_sources([str(tmp_path / "in")], spill_dir=str(spill))
+    assert list(spill.iterdir()) == []
+    assert [r.rel_path for r in scan.refs] == ["a.jpg"]
+    scan.close()
+    with pytest.raises(sqlite3.ProgrammingError):
+        list(scan.refs)
+    empty = scan_sources([str(spill)], spill_dir=str(spill))  # nothing found: no database kept open
+    assert empty.refs == [] and len(empty.refs) == 0 and list(empty.refs) == []

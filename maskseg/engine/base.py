@@ -39,7 +39,9 @@ class ModelInfo:
 class Engine(Protocol):
     """``start`` loads the model (once) and says what it is; ``run`` yields results in input order
     (batch by batch) until the refs are used up; ``close`` frees workers. ``run`` may be abandoned
-    part-way (the generator is closed) when a run is interrupted."""
+    part-way (the generator is closed) when a run is interrupted. ``refs`` is a scan's ``ScanRefs`` in
+    a run (read from the scan's database as they are used): an engine that can should read it in order,
+    once, rather than copy it."""
 
     def start(self) -> ModelInfo: ...
 

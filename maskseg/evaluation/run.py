@@ -133,6 +133,7 @@ def predict_over(gt: GroundTruth, folder: Path, out: Path, config: EvalConfig, p
     # predict names images by their path relative to the inputs' common folder; the same scan gives it here.
     scan = scan_sources(list(paths), recursive=False, exclude=str(out))
     rel_to_id = {ref.rel_path: paths[ref.path] for ref in scan.refs}
+    scan.close()
     summary = predict(list(paths), out, config.predict, progress=progress, stop=stop)
     if summary.interrupted is not None:
         raise Interrupted(signal.SIGINT)

@@ -216,3 +216,27 @@ def test_agnostic_nms_is_a_recorded_setting(images, tiny_checkpoint, tmp_path):
     assert json.loads((out / "run.json").read_text())["settings"]["agnostic_nms"] == 0.5
     r = run_cli("predict", photo, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco")
     assert r.returncode == 2 and "agnostic_nms" in r.stderr
+
+
+def test_list_file_run_matches_folder_run_and_leaves_no_scan_database(images, tiny_checkpoint, tmp_path):
+    """A list naming the folder's images (shuffled, repeated, with a hard link and a shared stem) gives the
+    same outputs as the folder; the scan's temporary database lives in OUT only while the run reads it."""
+    shutil.copy(SAMPLES / "coins.png", images / "sub" / "rocket.png")  # shares sub/rocket.jpg's stem
+    lst = tmp_path / "list.txt"
+    lst.write_text("photos/sub/rocket.png\nphotos/chelsea.png\nphotos/sub/6.jpg\nphotos/coins.png\n"
+                   "photos/sub/rocket.jpg\nphotos/./chelsea.png\n")
+    runs = {}
+    for name, source in (("folder", str(images)), ("list", f"@{lst}")):
+        out = tmp_path / name
+        r = run_cli("predict", source, "-o", out, "--weights", tiny_checkpoint, "--writers", "coco,yolo")
+        assert r.returncode == 0, r.stderr
+        assert not [p for p in out.rglob("*") if ".maskseg-scan-" in p.name]
+        labels = {str(p.relative_to(out / "yolo")): p.read_text() for p in (out / "yolo").rglob("*.txt")}
+        predictions = json.loads((out / "predictions.json").read_text())
+        del predictions["info"]  # its date_created is the run's
+        runs[name] = (predictions, labels)
+    assert runs["list"] == runs["folder"]
+    assert [img["file_name"] for img in runs["list"][0]["images"]] == [
+        "chelsea.png", "coins.png", "sub/6.jpg", "sub/rocket.jpg", "sub/rocket.png"]
+    assert sorted(runs["list"][1]) == ["labels/chelsea.txt", "labels/coins.txt", "labels/sub/6.txt",
+                                       "labels/sub/rocket_jpg.txt", "labels/sub/rocket_png.txt"]
