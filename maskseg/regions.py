@@ -4,7 +4,7 @@ With ``--tile``, a TIFF whose first page is stored in tiles or strips of at most
 ``REGION_MAX_BLOCK_PIXELS`` is not decoded whole: ``open_tiff_regions`` reads its header and returns a
 ``TiffRegions``, which the tiler indexes like an array (``img[y0:y1, x0:x1]``) and which decodes only
 the TIFF tiles (or strips) under each rectangle, with tifffile's per-segment decoder (any compression
-tifffile decodes: none, deflate, PackBits, LZMA, zstd; JPEG, LZW, WebP... when imagecodecs is
+tifffile decodes: none, deflate, PackBits, LZMA; JPEG, LZW, zstd, WebP... when imagecodecs is
 installed). Memory is bounded by the model tiles in flight and a small cache of decoded TIFF tiles
 (``REGION_CACHE_BYTES``), not by the image; ``--tile-full`` downscales strip by strip (from a
 reduced-resolution level of the file when it has one). 16-bit pixels go through the same ``--uint16``
@@ -222,7 +222,8 @@ def _decode_block(lv: _Level, index: int, fd: int, path: str) -> np.ndarray:
     w = min(lv.block_w, lv.width - bx * lv.block_w)
     if segment is None:  # an empty block (no bytes): TIFF's fill value, 0
         return np.zeros((h, w, lv.channels), lv.page.dtype)
-    return segment.reshape(shape[1:])[:h, :w, : lv.channels]
+    # a copy where cut (edge tiles are padded, alpha dropped), so the cache holds only what it counts
+    return np.ascontiguousarray(segment.reshape(shape[1:])[:h, :w, : lv.channels])
 
 
 def _to_rgb8(raw: np.ndarray, scale: Uint16Scale | None) -> np.ndarray:

@@ -55,6 +55,7 @@ FORMATS = {
     "gray8 tiled": (A8[:, :, 0], {"tile": (256, 256), "compression": "zlib", "photometric": "minisblack"}),
     "rgb16 tiled": (A16, {"tile": (256, 256), "compression": "zlib", "photometric": "rgb"}),
     "gray16 tiled": (A16[:, :, 1], {"tile": (256, 256), "compression": "zlib", "photometric": "minisblack"}),
+    "rgb16 big-endian": (A16, {"tile": (64, 128), "byteorder": ">", "photometric": "rgb"}),
 }
 
 
