@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -11,6 +12,9 @@ from ..config import REGION_OVERLAY_SIDE
 from ..detections import Detections
 from ..errors import WriterError
 from .base import BaseWriter, ImageRecord
+
+if TYPE_CHECKING:
+    from ..regions import TiffRegions
 
 
 def color_for(category_id: int) -> tuple[int, int, int]:
@@ -88,7 +92,7 @@ class OverlayWriter(BaseWriter):
         atomic_write_bytes(self.run.output_path("overlays", overlay_rel_path(image.rel_path)), buf.tobytes())
 
 
-def downscale_region(regions, detections: Detections, side: int) -> tuple[np.ndarray, Detections]:
+def downscale_region(regions: TiffRegions, detections: Detections, side: int) -> tuple[np.ndarray, Detections]:
     """An image read by region (``maskseg.regions.TiffRegions``) and its detections, at most ``side`` px
     on the long side."""
     from ..tiling import upscale
