@@ -155,11 +155,10 @@ def predict_command(
         "--tile-full", metavar="", rich_help_panel=RUN,
         help=f"--tile: also run the whole image downscaled to {cfg.TILE_FULL_SIDE} px, so objects larger than a "
              "tile are found too.")] = _T.full,
-    tiff_regions: Annotated[bool, typer.Option(
-        "--tiff-regions/--no-tiff-regions", rich_help_panel=RUN,
-        help="--tile: read TIFFs stored in tiles or strips by region (memory bounded by the tiles in flight); "
-             "--no-tiff-regions decodes them whole like other images (a comparison switch for benchmarks).")
-    ] = _D.tiff_regions,
+    no_tiff_regions: Annotated[bool, typer.Option(
+        "--no-tiff-regions", metavar="", rich_help_panel=RUN,
+        help="--tile: decode TIFFs stored in tiles whole like other images, instead of reading them by region "
+             "(a comparison switch for benchmarks).")] = not _D.tiff_regions,
     checkpoint_every: Annotated[float, typer.Option(
         min=0.0, metavar="SEC", rich_help_panel=RUN,
         help="Refresh predictions.json, results.json and failures.jsonl every this many seconds during a run "
@@ -196,7 +195,7 @@ def predict_command(
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
         frames=cfg.FrameSelect(stride=frame_stride, fps=fps), uint16=cfg.parse_uint16(uint16),
-        tiff_pages=tiff_pages, tiff_regions=tiff_regions,
+        tiff_pages=tiff_pages, tiff_regions=not no_tiff_regions,
         writer_options=replace(_W, polygon_tolerance=polygon_tolerance,
                                labelstudio_root=str(labelstudio_root.resolve()) if labelstudio_root else None),
         agnostic_nms=agnostic_nms,
