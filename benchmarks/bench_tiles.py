@@ -14,6 +14,12 @@ and ``maskseg eval`` gives each one's COCO segm and bbox AP against the ground t
 
     python benchmarks/bench_tiles.py [--scenes 3] [--size 4096] [--objects 40] [--tile 1024]
     python benchmarks/bench_tiles.py --scenes 1 --size 20000 --objects 400 --no-sahi   # the huge check
+    python benchmarks/bench_tiles.py --scenes 1 --size 20000 --objects 400 --tiff --no-sahi --no-whole
+
+``--tiff`` writes each scene as a tiled TIFF (512 px tiles, deflate; written tile by tile from a
+generator, so making it never holds the canvas) and compares ``--tile T`` reading it by region (at the
+default ``--max-pixels``, which a region read is not held to) with ``--tile T --no-tiff-regions``
+(the same file decoded whole, ``--max-pixels`` raised to let it through): the benchmark switch.
 
 The demo model was trained on all fruits_nuts photos but the last 20%: absolute AP is optimistic (the
 objects were seen in training); the comparison between methods is what the benchmark is for.
@@ -120,6 +126,76 @@ def make_scenes(folder: Path, n: int, size: int, objects: int, scale: float, see
     return gt_path
 
 
+def make_tiff_scenes(folder: Path, n: int, size: int, objects: int, scale: float, seed: int = 0,
+                     block: int = 512) -> Path:
+    """``make_scenes`` as tiled TIFFs (``block`` px tiles, deflate), each written tile by tile: objects are
+    placed first, then every TIFF tile is drawn (background, then the objects over it) as tifffile asks
+    for it, so only one tile of the canvas exists at a time. Returns gt.json."""
+    import numpy as np
+    import tifffile
+
+    from maskseg.detections import BoxMask
+
+    folder.mkdir(parents=True, exist_ok=True)
+    gt_path = folder / "gt.json"
+    if gt_path.exists():
+        return gt_path
+    rng = np.random.default_rng(seed)
+    cut = cut_objects(scale)
+    base = np.array([214, 206, 196], np.float32)  # make_scenes' background, RGB
+    ramp = np.linspace(-12, 12, size, dtype=np.float32)
+    images, anns = [], []
+    for k in range(n):
+        placed: list[tuple[int, int, object, object]] = []  # x, y, RGB patch, mask
+        tries = 0
+        while len(placed) < objects and tries < objects * 50:
+            tries += 1
+            cat, patch, m = cut[int(rng.integers(len(cut)))]
+            if rng.random() < 0.5:
+                patch, m = patch[:, ::-1], m[:, ::-1]
+            h, w = m.shape
+            if w >= size or h >= size:
+                continue
+            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+            if any(x < px + pm.shape[1] + 8 and px < x + w + 8 and y < py + pm.shape[0] + 8 and py < y + h + 8
+                   for px, py, _, pm in placed):
+                continue
+            placed.append((x, y, np.ascontiguousarray(patch[:, :, ::-1]), np.ascontiguousarray(m)))
+            ys, xs = np.nonzero(m)
+            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": int(cat), "iscrowd": 0,
+                         "area": int(m.sum()), "segmentation": BoxMask(x, y, np.ascontiguousarray(m),
+                                                                       (size, size)).rle(),
+                         "bbox": [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1),
+                                  int(ys.max() - ys.min() + 1)]})
+        by_block: dict[tuple[int, int], list[int]] = {}
+        for i, (x, y, _, m) in enumerate(placed):
+            for by in range(y // block, (y + m.shape[0] - 1) // block + 1):
+                for bx in range(x // block, (x + m.shape[1] - 1) // block + 1):
+                    by_block.setdefault((by, bx), []).append(i)
+
+        def tiles(by_block=by_block, placed=placed):
+            for ty in range(0, size, block):
+                for tx in range(0, size, block):
+                    r = ramp[ty : ty + block, None, None] + ramp[None, tx : tx + block, None] * 0.5
+                    tile = np.zeros((block, block, 3), np.uint8)  # edge tiles: padded to the full tile
+                    tile[: r.shape[0], : r.shape[1]] = np.clip(base + r, 0, 255).astype(np.uint8)
+                    for i in by_block.get((ty // block, tx // block), ()):
+                        x, y, patch, m = placed[i]
+                        y0, y1 = max(y, ty), min(y + m.shape[0], ty + block, size)
+                        x0, x1 = max(x, tx), min(x + m.shape[1], tx + block, size)
+                        sel = m[y0 - y : y1 - y, x0 - x : x1 - x]
+                        tile[y0 - ty : y1 - ty, x0 - tx : x1 - tx][sel] = patch[y0 - y : y1 - y, x0 - x : x1 - x][sel]
+                    yield tile
+
+        name = f"scene{k:02d}.tif"
+        tifffile.imwrite(folder / name, tiles(), shape=(size, size, 3), dtype=np.uint8, tile=(block, block),
+                         compression="zlib", photometric="rgb", bigtiff=size * size * 3 > 2**31)
+        images.append({"id": k + 1, "file_name": name, "height": size, "width": size})
+    cats = [{"id": 1, "name": "date"}, {"id": 2, "name": "fig"}, {"id": 3, "name": "hazelnut"}]
+    gt_path.write_text(json.dumps({"images": images, "annotations": anns, "categories": cats}))
+    return gt_path
+
+
 def run_measured(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProcess | None]:
     """Run ``cmd``; (wall seconds, peak RSS in MiB of that process, None on success or the failure)."""
     t0 = time.perf_counter()
@@ -171,13 +247,13 @@ def sahi_worker(folder: str, gt: str, out: str, tile: int, overlap: float) -> No
 
 def _methods(args: argparse.Namespace, work: Path) -> list[tuple[str, object]]:
     """(name, command maker) per method; a maker takes (scenes folder, gt.json, tag) -> argv."""
-    def maskseg(extra: list[str], name: str):
+    def maskseg(extra: list[str], name: str, *, max_pixels: bool = True):
         def cmd(scenes: Path, gt: Path, tag: str) -> list[str]:
             size = json.loads(gt.read_text())["images"][0]["width"]
+            limit = ["--max-pixels", str(size * size + 1)] if max_pixels else []  # else the default
             return [sys.executable, "-m", "maskseg", "predict", str(scenes), "--model", "demo", "--device", "cpu",
-                    "--score-thresh", str(SCORE), "--writers", "coco,results", "--workers", "0",
-                    "--max-pixels", str(size * size + 1), "--overwrite", "-q",
-                    "-o", str(work / f"{_slug(name)}-{tag}"), *extra]
+                    "--score-thresh", str(SCORE), "--writers", "coco,results", "--workers", "0", *limit,
+                    "--overwrite", "-q", "-o", str(work / f"{_slug(name)}-{tag}"), *extra]
         return name, cmd
 
     def sahi(scenes: Path, gt: Path, tag: str) -> list[str]:
@@ -188,8 +264,12 @@ def _methods(args: argparse.Namespace, work: Path) -> list[tuple[str, object]]:
     methods = []
     if not args.no_whole:
         methods.append(maskseg([], "maskseg, whole image"))
-    methods.append(maskseg(["--tile", str(args.tile), "--tile-overlap", str(args.overlap)],
-                           f"maskseg --tile {args.tile}"))
+    tile = ["--tile", str(args.tile), "--tile-overlap", str(args.overlap)]
+    if args.tiff:
+        methods.append(maskseg(tile, f"maskseg --tile {args.tile}, TIFF read by region", max_pixels=False))
+        methods.append(maskseg([*tile, "--no-tiff-regions"], f"maskseg --tile {args.tile}, TIFF decoded whole"))
+    else:
+        methods.append(maskseg(tile, f"maskseg --tile {args.tile}"))
     if not args.no_sahi:
         methods.append((sahi_name, sahi))
     return methods
@@ -225,6 +305,8 @@ def main() -> None:
     ap.add_argument("--overlap", type=float, default=0.2)
     ap.add_argument("--no-sahi", action="store_true")
     ap.add_argument("--no-whole", action="store_true", help="skip the run without tiling")
+    ap.add_argument("--tiff", action="store_true",
+                    help="scenes as tiled TIFFs; compare reading them by region with decoding them whole")
     ap.add_argument("--workdir", type=Path, default=None, help="keep scenes and outputs here (default: a temp dir)")
     ap.add_argument("--sahi-worker", nargs=5, metavar=("FOLDER", "GT", "OUT", "TILE", "OVERLAP"),
                     help=argparse.SUPPRESS)
@@ -235,13 +317,15 @@ def main() -> None:
         return
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_tiles_"))
-    scenes = work / f"scenes_{args.scenes}x{args.size}_{args.objects}_{args.object_scale}"
+    kind = "tiff" if args.tiff else "jpeg"
+    scenes = work / f"scenes_{args.scenes}x{args.size}_{args.objects}_{args.object_scale}_{kind}"
+    make = make_tiff_scenes if args.tiff else make_scenes
     t0 = time.perf_counter()
-    gt = make_scenes(scenes, args.scenes, args.size, args.objects, args.object_scale)
+    gt = make(scenes, args.scenes, args.size, args.objects, args.object_scale)
     n_gt = len(json.loads(gt.read_text())["annotations"])
     print(f"# {args.scenes} scene(s) of {args.size}x{args.size}, {n_gt} objects (fruits_nuts x{args.object_scale}), "
           f"generated in {time.perf_counter() - t0:.0f} s; CPU: {cpu_model()}, {os.cpu_count()} cores", flush=True)
-    tiny = make_scenes(work / "startup", 1, 512, 1, args.object_scale)  # one 512 px image: startup cost
+    tiny = make(work / f"startup_{kind}", 1, 512, 1, args.object_scale)  # one 512 px image: startup cost
     rows = []
     for name, make_cmd in _methods(args, work):
         wall, rss, failed = run_measured(make_cmd(scenes, gt, "run"))
@@ -260,6 +344,10 @@ def main() -> None:
     for name, segm, bbox, spi, net, rss in rows:
         print(f"| {name} | {segm:.3f} | {bbox:.3f} | {spi:.1f} | {net:.1f} | {rss:.0f} |")
     tiled = next((r for r in rows if r[0].startswith("maskseg --tile")), None)
+    whole_tiff = next((r for r in rows if r[0].endswith("TIFF decoded whole")), None)
+    if tiled and whole_tiff and tiled is not whole_tiff:
+        print(f"TIFF read by region vs decoded whole: peak RSS {tiled[5]:.0f} vs {whole_tiff[5]:.0f} MiB "
+              f"({tiled[5] / whole_tiff[5]:.2f}x), s/image {tiled[3]:.1f} vs {whole_tiff[3]:.1f}")
     sahi = next((r for r in rows if r[0].startswith("SAHI")), None)
     if tiled and sahi:
         print(f"maskseg --tile vs SAHI: segm AP {tiled[1]:.3f} vs {sahi[1]:.3f}, speed {sahi[3] / tiled[3]:.2f}x "

@@ -58,6 +58,15 @@ AUTO_TILE_SIZE = 1024
 AUTO_TILE_TRIGGER = 2 * 1333
 # --tile-full: the whole image, downscaled so its long side is this, runs beside the tiles.
 TILE_FULL_SIDE = 1333
+# With --tile, a TIFF stored in tiles or strips of at most this many pixels each is read by region
+# (maskseg.regions), never decoded whole; larger blocks (a TIFF in one strip) are decoded whole as usual.
+REGION_MAX_BLOCK_PIXELS = 1 << 24
+# Decoded TIFF tiles kept per image read by region, so neighbouring model tiles (which overlap) and the
+# --tile-full strips do not decode the same TIFF tile again: about one row of 256 px tiles at 20000 px.
+REGION_CACHE_BYTES = 64 * 2**20
+# The overlay of an image read by region is drawn on the image downscaled to this long side (drawing
+# on the whole would decode it whole: 1.2 GB at 20000 x 20000).
+REGION_OVERLAY_SIDE = 4096
 
 
 @dataclass(frozen=True)
@@ -178,6 +187,9 @@ class PredictConfig:
     frames: FrameSelect = field(default_factory=FrameSelect)
     uint16: str = DEFAULT_UINT16
     tiff_pages: bool = False  # every page of a multi-page TIFF as its own image (maskseg.pages)
+    # With tiling, TIFFs stored in tiles or strips are read by region (maskseg.regions) and are not held to
+    # max_pixels; False decodes them whole like any image (the benchmarks' comparison switch).
+    tiff_regions: bool = True
     writer_options: WriterOptions = field(default_factory=WriterOptions)
     agnostic_nms: float | None = None  # mask IoU above which a lower-scoring detection of another class is dropped
 

@@ -12,6 +12,7 @@ import io
 import os
 import stat
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -19,17 +20,21 @@ from .config import DEFAULT_MAX_PIXELS, DEFAULT_UINT16, MAX_FILE_BYTES, UINT16_M
 from .errors import DecodeError, UndecodableError
 from .sources import ImageRef
 
+if TYPE_CHECKING:
+    from .regions import TiffRegions
+
 
 @dataclass(frozen=True)
 class DecodedImage:
-    """A decoded image: ``rgb`` is [H, W, 3] uint8, upright (EXIF orientation applied).
+    """A decoded image: ``rgb`` is [H, W, 3] uint8, upright (EXIF orientation applied); in a tiled run a
+    TIFF read by region (``maskseg.regions.TiffRegions``: indexed like the array, decoded by region).
 
     ``size``/``mtime_ns`` describe the bytes actually decoded (they may differ from the scan's when
     the file changed in between), and are what the journal records.
     """
 
     ref: ImageRef
-    rgb: np.ndarray
+    rgb: np.ndarray | TiffRegions
     size: int
     mtime_ns: int
 
@@ -209,15 +214,62 @@ def to_uint8(arr: np.ndarray, mode: str = DEFAULT_UINT16) -> np.ndarray:
     the look of ordinary photos).
     """
     if mode == "shift":
-        return (arr >> 8).astype(np.uint8)
+        return Uint16Scale().apply(arr)
     if mode == "range":
-        top = int(arr.max()) if arr.size else 0
+        return uint16_scale(mode, top=int(arr.max()) if arr.size else 0).apply(arr)
+    hist = np.bincount(arr.reshape(-1), minlength=65536) if arr.size else None
+    return uint16_scale(mode, histogram=hist).apply(arr)
+
+
+@dataclass(frozen=True)
+class Uint16Scale:
+    """How one image's 16-bit pixels become 8-bit: a right ``shift``, or (``lo`` set) ``lo..hi`` stretched
+    to 0..255. Made from whole-image statistics (``uint16_scale``), so a region read by parts
+    (``maskseg.regions``) converts exactly as the whole image would."""
+
+    shift: int = 8
+    lo: float | None = None
+    hi: float = 0.0
+
+    def apply(self, arr: np.ndarray) -> np.ndarray:
+        """uint16 pixels (any shape) -> uint8, same shape."""
+        if self.lo is None:
+            return (arr >> self.shift).astype(np.uint8)
+        scale = 255.0 / max(self.hi - self.lo, 1.0)
+        return np.clip((arr.astype(np.float32) - self.lo) * scale + 0.5, 0, 255).astype(np.uint8)
+
+
+def uint16_scale(mode: str, *, top: int = 0, histogram: np.ndarray | None = None) -> Uint16Scale:
+    """The ``Uint16Scale`` of ``mode`` (see ``to_uint8``) for an image whose largest value is ``top``
+    (``range``) or whose 65536-bin value histogram is ``histogram`` (``percentile``; None: no pixels)."""
+    if mode == "shift":
+        return Uint16Scale()
+    if mode == "range":
         bits = max(8, top.bit_length())
-        bits = min(16, bits + (bits % 2))  # 8, 10, 12, 14 or 16 bits
-        return (arr >> (bits - 8)).astype(np.uint8)
-    lo, hi = (np.percentile(arr, (0.5, 99.5)) if arr.size else (0.0, 1.0))
-    scale = 255.0 / max(float(hi) - float(lo), 1.0)
-    return np.clip((arr.astype(np.float32) - float(lo)) * scale + 0.5, 0, 255).astype(np.uint8)
+        return Uint16Scale(shift=min(16, bits + (bits % 2)) - 8)  # 8, 10, 12, 14 or 16 bits
+    if histogram is None or not histogram.any():
+        return Uint16Scale(lo=0.0, hi=1.0)
+    lo, hi = histogram_percentiles(histogram, (0.5, 99.5))
+    return Uint16Scale(lo=lo, hi=hi)
+
+
+def histogram_percentiles(histogram: np.ndarray, percents: tuple[float, ...]) -> tuple[float, ...]:
+    """Percentiles of the values a histogram counts (bin i = value i), interpolated linearly between
+    order statistics as ``np.percentile`` does; counted from a histogram so that it can be summed over
+    parts of an image."""
+    cum = np.cumsum(histogram)
+    n = int(cum[-1])
+
+    def order_statistic(k: int) -> int:  # the k-th smallest value, 0-based
+        return int(np.searchsorted(cum, k, side="right"))
+
+    out = []
+    for q in percents:
+        at = q / 100.0 * (n - 1)
+        k = int(np.floor(at))
+        a, b = order_statistic(k), order_statistic(min(k + 1, n - 1))
+        out.append(float(a + (b - a) * (at - k)))
+    return tuple(out)
 
 
 def _is_rgb16(img) -> bool:  # img: PIL.Image.Image, not loaded

@@ -27,6 +27,7 @@ import numpy as np
 
 from .config import AUTO_TILE_SIZE, AUTO_TILE_TRIGGER, TILE_FULL_SIDE, TileConfig
 from .detections import BoxMask, Detections
+from .regions import TiffRegions
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,8 @@ class TiledSegmenter:
 
     Images that need no tiles go to ``segmenter`` in one batch as before; a tiled image sends its tiles
     in batches of ``batch_size``, so memory grows with the tiles in flight, not with the image (beyond
-    the decoded image itself).
+    the decoded image itself). An image may also be a ``TiffRegions`` (a TIFF read by region,
+    ``maskseg.regions``): its tiles and its ``full`` pass are then read from the file, never the whole.
     """
 
     def __init__(self, segmenter: Callable[[list[np.ndarray]], Sequence[Detections]], config: TileConfig,
@@ -89,14 +91,15 @@ class TiledSegmenter:
     def backend(self):  # the wrapped segmenter's backend, for engines that read it
         return self.segmenter.backend  # type: ignore[attr-defined]
 
-    def __call__(self, images: Sequence[np.ndarray]) -> list[Detections]:
+    def __call__(self, images: Sequence[np.ndarray | TiffRegions]) -> list[Detections]:
         sizes = [tile_size_for(self.config, int(im.shape[0]), int(im.shape[1])) for im in images]
-        whole = [im for im, s in zip(images, sizes, strict=True) if s is None]
+        # an image read by region that needs no tiles is small enough to read whole
+        whole = [np.asarray(im) for im, s in zip(images, sizes, strict=True) if s is None]
         whole_dets = iter(self.segmenter(whole) if whole else [])
         return [next(whole_dets) if s is None else self.segment_tiled(im, s)
                 for im, s in zip(images, sizes, strict=True)]
 
-    def segment_tiled(self, rgb: np.ndarray, size: int) -> Detections:
+    def segment_tiled(self, rgb: np.ndarray | TiffRegions, size: int) -> Detections:
         """Segment one image tile by tile (plus the downscaled whole with ``full``) and merge."""
         height, width = int(rgb.shape[0]), int(rgb.shape[1])
         grid = tile_grid(height, width, size, self.config.overlap)
@@ -111,22 +114,25 @@ class TiledSegmenter:
                   size, sum(len(d) for _, d in parts))
         return merge_tiles(parts, (height, width), self.config)
 
-    def _full_pass(self, rgb: np.ndarray) -> Detections:
+    def _full_pass(self, rgb: np.ndarray | TiffRegions) -> Detections:
         import cv2
 
         height, width = int(rgb.shape[0]), int(rgb.shape[1])
         scale = min(1.0, TILE_FULL_SIDE / max(height, width))
         if scale == 1.0:
-            return self.segmenter([rgb])[0]
-        small = cv2.resize(rgb, (max(1, round(width * scale)), max(1, round(height * scale))),
-                           interpolation=cv2.INTER_AREA)
+            return self.segmenter([np.asarray(rgb)])[0]
+        small_w, small_h = max(1, round(width * scale)), max(1, round(height * scale))
+        if isinstance(rgb, TiffRegions):  # strip by strip (or from the file's reduced level), same pixels
+            small = rgb.downscaled(small_h, small_w)
+        else:
+            small = cv2.resize(rgb, (small_w, small_h), interpolation=cv2.INTER_AREA)
         [dets] = self.segmenter([small])
         return upscale(dets, (height, width))
 
 
 def upscale(dets: Detections, image_size: tuple[int, int]) -> Detections:
-    """Detections of a downscaled image mapped onto the original ``image_size`` (height, width); each mask
-    is resized over its own box only (nearest neighbour)."""
+    """Detections of a resized image mapped onto the original ``image_size`` (height, width), or the
+    other way (an overlay drawn downscaled); each mask is resized over its own box only (nearest)."""
     import cv2
 
     height, width = image_size

@@ -22,7 +22,6 @@ from .options import (
     Device,
     MaskThresh,
     MaxDets,
-    MaxPixels,
     MaxSize,
     MinSize,
     Model,
@@ -60,7 +59,11 @@ def predict_command(
         metavar="K/N", rich_help_panel=INPUTS,
         help="Take only shard K of N (1-based) of the inputs, split by a hash of each relative path, for job "
              "arrays; combine shard outputs with `maskseg merge`.")] = None,
-    max_pixels: MaxPixels = _D.max_pixels,
+    max_pixels: Annotated[int, typer.Option(
+        min=1, metavar="N", rich_help_panel=INPUTS,
+        help="Refuse images with more pixels (decompression bombs). With --tile, a TIFF stored in tiles (or "
+             "small strips) is read by region, never decoded whole, and is not held to it; every other image "
+             "is: raise it for huge images decoded whole.")] = _D.max_pixels,
     uint16: Annotated[str, typer.Option(
         metavar="MODE", rich_help_panel=INPUTS,
         help="16-bit images to 8 bits: range (the top 8 bits of the bit depth the data uses: 12-bit data is "
@@ -152,6 +155,10 @@ def predict_command(
         "--tile-full", metavar="", rich_help_panel=RUN,
         help=f"--tile: also run the whole image downscaled to {cfg.TILE_FULL_SIDE} px, so objects larger than a "
              "tile are found too.")] = _T.full,
+    no_tiff_regions: Annotated[bool, typer.Option(
+        "--no-tiff-regions", metavar="", rich_help_panel=RUN,
+        help="--tile: decode TIFFs stored in tiles whole like other images, instead of reading them by region "
+             "(a comparison switch for benchmarks).")] = not _D.tiff_regions,
     checkpoint_every: Annotated[float, typer.Option(
         min=0.0, metavar="SEC", rich_help_panel=RUN,
         help="Refresh predictions.json, results.json and failures.jsonl every this many seconds during a run "
@@ -188,7 +195,7 @@ def predict_command(
         max_pixels=max_pixels, recursive=recursive, overwrite=overwrite, checkpoint_seconds=checkpoint_every,
         tile=cfg.TileConfig(size=cfg.parse_tile(tile), overlap=tile_overlap, full=tile_full),
         frames=cfg.FrameSelect(stride=frame_stride, fps=fps), uint16=cfg.parse_uint16(uint16),
-        tiff_pages=tiff_pages,
+        tiff_pages=tiff_pages, tiff_regions=not no_tiff_regions,
         writer_options=replace(_W, polygon_tolerance=polygon_tolerance,
                                labelstudio_root=str(labelstudio_root.resolve()) if labelstudio_root else None),
         agnostic_nms=agnostic_nms,

@@ -11,6 +11,7 @@ from ..batching import Failure, auto_batch_size, batched, prefetch, segment_batc
 from ..config import PredictConfig
 from ..decode import DecodedImage, decode_image
 from ..pages import is_tiff_name, iter_pages
+from ..regions import decode_for_tiling
 from ..sources import ImageRef
 from ..tiling import TiledSegmenter
 from ..video import is_video_file, iter_frames
@@ -68,6 +69,8 @@ class LocalEngine:
         config = self.config
         refs_left = iter(refs)
         special: list[ImageRef] = []
+        # Tiled runs read tiled TIFFs by region (maskseg.regions): only the header is read here.
+        decode = decode_for_tiling if config.tile.size is not None and config.tiff_regions else decode_image
 
         def plain() -> Iterator[ImageRef]:  # refs up to the next video (left in ``special``)
             for ref in refs_left:
@@ -77,7 +80,7 @@ class LocalEngine:
                 yield ref
 
         while True:
-            yield from prefetch(plain(), lambda r: decode_image(r, max_pixels=config.max_pixels, uint16=config.uint16),
+            yield from prefetch(plain(), lambda r: decode(r, max_pixels=config.max_pixels, uint16=config.uint16),
                                 workers=config.decode_workers, depth=config.prefetch)
             if not special:
                 return

@@ -50,7 +50,10 @@ class RunContext:
 @dataclass(frozen=True)
 class ImageRecord:
     """One finished image: ``rgb`` is [H, W, 3] uint8 upright; ``annotations`` the COCO-style dicts
-    (category_id, bbox XYWH, score, area, segmentation RLE) that the journal records for it."""
+    (category_id, bbox XYWH, score, area, segmentation RLE) that the journal records for it.
+
+    In a tiled run a TIFF read by region has a ``maskseg.regions.TiffRegions`` as ``rgb``: index it
+    (``rgb[y0:y1, x0:x1]``) or ask for ``rgb.downscaled(h, w)``; ``np.asarray(rgb)`` decodes it whole."""
 
     image_id: int
     path: str
@@ -58,7 +61,7 @@ class ImageRecord:
     out_stem: str
     width: int
     height: int
-    rgb: np.ndarray
+    rgb: np.ndarray  # or maskseg.regions.TiffRegions, see above
     annotations: list[dict]
 
 

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 from pathlib import PurePosixPath
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..atomic import atomic_write_bytes
+from ..config import REGION_OVERLAY_SIDE
 from ..detections import Detections
 from ..errors import WriterError
 from .base import BaseWriter, ImageRecord
+
+if TYPE_CHECKING:
+    from ..regions import TiffRegions
 
 
 def color_for(category_id: int) -> tuple[int, int, int]:
@@ -66,7 +71,10 @@ def overlay_rel_path(rel_path: str) -> str:
 
 
 class OverlayWriter(BaseWriter):
-    """Draws each image's detections and writes it as JPEG (quality 90) under ``OUT/overlays/``."""
+    """Draws each image's detections and writes it as JPEG (quality 90) under ``OUT/overlays/``.
+
+    An image read by region (a tiled TIFF in a tiled run, ``maskseg.regions``) is drawn downscaled to
+    ``REGION_OVERLAY_SIDE`` on its long side when larger, so that it is never decoded whole."""
 
     quality = 90
 
@@ -74,8 +82,24 @@ class OverlayWriter(BaseWriter):
         import cv2
 
         names = {c.id: c.name for c in self.run.categories}
-        canvas = draw_overlay(image.rgb, detections, names)
+        rgb = image.rgb
+        if not isinstance(rgb, np.ndarray):
+            rgb, detections = downscale_region(rgb, detections, REGION_OVERLAY_SIDE)
+        canvas = draw_overlay(rgb, detections, names)
         ok, buf = cv2.imencode(".jpg", canvas, [cv2.IMWRITE_JPEG_QUALITY, self.quality])
         if not ok:
             raise WriterError(f"{image.rel_path}: JPEG encoding of the overlay failed")
         atomic_write_bytes(self.run.output_path("overlays", overlay_rel_path(image.rel_path)), buf.tobytes())
+
+
+def downscale_region(regions: TiffRegions, detections: Detections, side: int) -> tuple[np.ndarray, Detections]:
+    """An image read by region (``maskseg.regions.TiffRegions``) and its detections, at most ``side`` px
+    on the long side."""
+    from ..tiling import upscale
+
+    height, width = int(regions.shape[0]), int(regions.shape[1])
+    scale = side / max(height, width)
+    if scale >= 1.0:
+        return np.asarray(regions), detections
+    size = (max(1, round(height * scale)), max(1, round(width * scale)))
+    return regions.downscaled(*size), upscale(detections, size)

@@ -54,3 +54,36 @@ def test_tile_usage_errors(tiny_checkpoint, tmp_path):
     r = run_cli("predict", src, "-o", tmp_path / "o2", "--weights", tiny_checkpoint, "--tile", "256",
                 "--engine", "ray")
     assert r.returncode == 2 and "--engine local" in r.stderr
+
+
+def test_tiled_tiff_is_read_by_region_with_the_results_of_a_whole_decode(tiny_checkpoint, tmp_path):
+    """The same pixels as a tiled TIFF (read by region) and as a PNG (decoded whole) give the same
+    detections; the TIFF is not held to --max-pixels, the PNG and a TIFF decoded whole are."""
+    import tifffile
+
+    png_dir, tif_dir = tmp_path / "png", tmp_path / "tif"
+    png_dir.mkdir()
+    tif_dir.mkdir()
+    height, width = _large_image(png_dir / "big.png")  # 1200 x 1600 = 1.92 MP
+    rgb = cv2.imread(str(png_dir / "big.png"))[:, :, ::-1]
+    tifffile.imwrite(tif_dir / "big.tif", rgb, tile=(256, 256), compression="zlib", photometric="rgb")
+    common = ["--weights", tiny_checkpoint, "--tile", "400", "--tile-full", "--writers", "coco,results,overlay"]
+    r = run_cli("predict", tif_dir, "-o", tmp_path / "out_tif", *common, "--max-pixels", "1000000")
+    assert r.returncode == 0, r.stderr  # not refused: read by region
+    r = run_cli("predict", png_dir, "-o", tmp_path / "out_png", *common)
+    assert r.returncode == 0, r.stderr
+
+    def results(out):
+        anns = json.loads((out / "results.json").read_text())
+        return sorted((a["category_id"], a["score"], a["bbox"], a["segmentation"]["counts"]) for a in anns)
+
+    from_tif, from_png = results(tmp_path / "out_tif"), results(tmp_path / "out_png")
+    assert from_tif and from_tif == from_png
+    overlay = cv2.imread(str(tmp_path / "out_tif" / "overlays" / "big.tif.jpg"))
+    assert overlay.shape[:2] == (height, width)  # under REGION_OVERLAY_SIDE: drawn at full size
+
+    for args in ([png_dir], [tif_dir, "--no-tiff-regions"]):
+        out = tmp_path / f"refused_{len(args)}"
+        r = run_cli("predict", *args, "-o", out, *common, "--max-pixels", "1000000")
+        assert r.returncode == 3, r.stderr
+        assert "over the --max-pixels limit of 1,000,000" in (out / "failures.jsonl").read_text()
