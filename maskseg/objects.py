@@ -3,9 +3,11 @@
 An object is versioned by its ETag (S3 and S3-compatible servers) or generation (GCS), so resume
 compares ETag and size, not times. Credentials and the endpoint come from the storage library's own
 standard sources: for S3, botocore's environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_PROFILE``,
-``AWS_ENDPOINT_URL`` for MinIO or any S3-compatible server, ...) and ``~/.aws/config``/``credentials``.
+``AWS_ENDPOINT_URL`` for MinIO or any S3-compatible server, ...) and ``~/.aws/config``/``credentials``;
+for GCS, gcsfs's chain (Application Default Credentials: ``GOOGLE_APPLICATION_CREDENTIALS``, ``gcloud auth
+application-default login``, the metadata server) and ``STORAGE_EMULATOR_HOST`` for an emulator.
 maskseg never reads, logs or records them. fsspec and the protocol's package (``s3fs``, ``gcsfs``) are
-imported only when a URL is given: ``pip install 'maskseg[s3]'``.
+imported only when a URL is given: ``pip install 'maskseg[s3]'`` or ``'maskseg[gcs]'``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,10 @@ _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # What an OUT path that names object storage looks like, also after pathlib collapsed its "//".
 _URL_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*:/")
 _GLOB_MAGIC = re.compile(r"[*?\[]")
-_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "AZURE_", "FSSPEC_")
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCS", "STORAGE_EMULATOR_HOST", "AZURE_", "FSSPEC_")
 _FILESYSTEMS: dict[tuple, Any] = {}
 _PACKAGES = {"s3": "s3fs", "s3a": "s3fs", "gs": "gcsfs", "gcs": "gcsfs", "az": "adlfs", "abfs": "adlfs"}
+_EXTRAS = {"s3fs": "s3", "gcsfs": "gcs"}
 
 
 def is_url(item: str) -> bool:
@@ -59,10 +62,12 @@ def filesystem(url: str) -> tuple[Any, str, str]:
     """(fsspec file system, path within it, protocol) for ``url``; ``UsageError`` when the package that
     speaks its protocol is missing."""
     protocol = _URL.match(url).group(1).lower()
+    package = _PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
+    install = f"pip install 'maskseg[{_EXTRAS[package]}]'" if package in _EXTRAS else f"pip install {package}"
     try:
         import fsspec
     except ImportError:
-        raise UsageError(f"{url}: object storage inputs need fsspec: pip install 'maskseg[s3]'") from None
+        raise UsageError(f"{url}: object storage inputs need fsspec: {install}") from None
     # One file system per protocol and credentials environment (fsspec's own cache would keep an old
     # endpoint or key after the environment changed); no listings cache: a rerun in the same process
     # must see objects rewritten in between.
@@ -71,14 +76,23 @@ def filesystem(url: str) -> tuple[Any, str, str]:
         cls = fsspec.get_filesystem_class(protocol)
         fs = _FILESYSTEMS.get(key)
         if fs is None:
-            fs = _FILESYSTEMS[key] = cls(skip_instance_cache=True, use_listings_cache=False)
+            fs = _FILESYSTEMS[key] = cls(skip_instance_cache=True, use_listings_cache=False,
+                                         **_emulator_kwargs(protocol))
         path = cls._strip_protocol(url)
     except ImportError:
-        package = _PACKAGES.get(protocol, f"the fsspec package for {protocol}://")
-        raise UsageError(f"{url}: reading {protocol}:// needs {package}: pip install 'maskseg[s3]'") from None
+        raise UsageError(f"{url}: reading {protocol}:// needs {package}: {install}") from None
     except ValueError as exc:
         raise UsageError(f"{url}: {exc}") from None
     return fs, path, protocol
+
+
+def _emulator_kwargs(protocol: str) -> dict[str, str]:
+    """No credentials against a GCS emulator (``STORAGE_EMULATOR_HOST``), as google-cloud-storage's own
+    ``Client`` does: gcsfs would otherwise send the user's real Google token to it, or, with none, wait
+    on the GCE metadata server before it falls back to anonymous."""
+    if _PACKAGES.get(protocol) == "gcsfs" and os.environ.get("STORAGE_EMULATOR_HOST") not in (None, "", "default"):
+        return {"token": "anon"}
+    return {}
 
 
 def list_objects(url: str, *, recursive: bool = True) -> tuple[str, Iterator[ObjectInfo]]:
@@ -153,8 +167,12 @@ def denied(exc: OSError) -> bool:
 
 
 def version_of(info: dict) -> str:
-    """An object's version: its ETag (S3, Azure), generation (GCS); otherwise its size and time."""
-    for key in ("ETag", "etag", "generation", "VersionId"):
+    """An object's version: its generation (GCS), ETag (S3, Azure); otherwise its size and time.
+
+    GCS first: its objects carry an ``etag`` too, but that one changes with metadata edits as well (a
+    label added would re-do the image) and on emulators is the MD5 (a rewrite with the same bytes keeps
+    it); the generation changes exactly when the object is written."""
+    for key in ("generation", "ETag", "etag", "VersionId"):
         value = info.get(key)
         if value not in (None, ""):
             return str(value)

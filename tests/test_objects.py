@@ -4,10 +4,8 @@ access denied, and resume after a kill."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -21,10 +19,8 @@ pytest.importorskip("moto.server", reason="moto[server] (the dev extra) is not i
 
 import boto3
 
-from tests.conftest import ROOT, SAMPLES
-
-PHOTOS = ["chelsea.png", "coins.png", "rocket.jpg", "fruits_nuts/6.jpg"]
-FAST = ("--max-dets", "3", "--device", "cpu", "--batch-size", "1")
+from tests.conftest import SAMPLES
+from tests.objectstore import FAST, PHOTOS, done_records, free_port, kill_after_two_batches, photo_key, png, run
 
 
 def _env(endpoint: str, key: str = "testing", secret: str = "testing") -> dict[str, str]:
@@ -56,28 +52,9 @@ def bucket(server, request):
     name = "b-" + request.node.name.lower().replace("_", "-")[:40]
     s3.create_bucket(Bucket=name)
     for i, photo in enumerate(PHOTOS):
-        key = f"photos/{'sub/' if i >= 2 else ''}{Path(photo).name}"
-        s3.put_object(Bucket=name, Key=key, Body=(SAMPLES / photo).read_bytes())
+        s3.put_object(Bucket=name, Key=photo_key(i, photo), Body=(SAMPLES / photo).read_bytes())
     s3.put_object(Bucket=name, Key="photos/notes.txt", Body=b"not an image")
     return s3, name
-
-
-def run(env: dict, *args: object, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "maskseg", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env, cwd=ROOT)
-
-
-def _done(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "journal.jsonl").read_text().splitlines()) if r["kind"] == "done"]
-
-
-def _png(seed: int) -> bytes:
-    import numpy as np
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 255, (48, 64, 3), np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 def test_prefix_is_listed_read_and_resumed_by_etag(server, bucket, tmp_path, tiny_checkpoint):
@@ -88,7 +65,7 @@ def test_prefix_is_listed_read_and_resumed_by_etag(server, bucket, tmp_path, tin
     assert "testing" not in r.stderr  # credentials are never logged
     images = json.loads((out / "predictions.json").read_text())["images"]
     assert sorted(i["file_name"] for i in images) == ["chelsea.png", "coins.png", "sub/6.jpg", "sub/rocket.jpg"]
-    done = {d["rel_path"]: d for d in _done(out)}
+    done = {d["rel_path"]: d for d in done_records(out)}
     head = s3.head_object(Bucket=name, Key="photos/coins.png")
     assert done["coins.png"]["etag"] == head["ETag"] and done["coins.png"]["path"] == f"s3://{name}/photos/coins.png"
     assert done["coins.png"]["size"] == head["ContentLength"]
@@ -97,10 +74,10 @@ def test_prefix_is_listed_read_and_resumed_by_etag(server, bucket, tmp_path, tin
     assert r.returncode == 0 and "done 0, skipped 4" in r.stderr, r.stderr
 
     # Rewritten between runs (new ETag): recomputed, the others skipped, its image id kept.
-    s3.put_object(Bucket=name, Key="photos/coins.png", Body=_png(1))
+    s3.put_object(Bucket=name, Key="photos/coins.png", Body=png(1))
     r = run(env, "predict", f"s3://{name}/photos/", "-o", out, "--weights", tiny_checkpoint, *FAST)
     assert r.returncode == 0 and "done 1, skipped 3" in r.stderr, r.stderr
-    latest = {d["rel_path"]: d for d in _done(out)}
+    latest = {d["rel_path"]: d for d in done_records(out)}
     assert latest["coins.png"]["image_id"] == done["coins.png"]["image_id"]
     assert (latest["coins.png"]["width"], latest["coins.png"]["height"]) == (64, 48)
     images = {i["file_name"]: i for i in json.loads((out / "predictions.json").read_text())["images"]}
@@ -141,7 +118,7 @@ def test_object_rewritten_during_the_run_is_retried_next_run(server, bucket, tmp
 
     def rewrite_then_read(url: str, etag: str | None):
         if url.endswith("/coins.png") and etag == s3.head_object(Bucket=name, Key="photos/coins.png")["ETag"]:
-            s3.put_object(Bucket=name, Key="photos/coins.png", Body=_png(2))
+            s3.put_object(Bucket=name, Key="photos/coins.png", Body=png(2))
         return read(url, etag)
 
     monkeypatch.setattr(objects, "read_object", rewrite_then_read)
@@ -151,10 +128,10 @@ def test_object_rewritten_during_the_run_is_retried_next_run(server, bucket, tmp
     assert r.exit_code == 3, r.output
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert [f["rel_path"] for f in failures] == ["coins.png"] and "changed since it was listed" in failures[0]["reason"]
-    assert "coins.png" not in {d["rel_path"] for d in _done(out)}
+    assert "coins.png" not in {d["rel_path"] for d in done_records(out)}
     r = CliRunner().invoke(app, args, prog_name="maskseg")
     assert r.exit_code == 0, r.output
-    assert [d["rel_path"] for d in _done(out)].count("coins.png") == 1
+    assert [d["rel_path"] for d in done_records(out)].count("coins.png") == 1
     assert (out / "failures.jsonl").read_text() == ""
 
 
@@ -169,38 +146,24 @@ def test_resume_after_a_kill_does_nothing_twice(server, bucket, tmp_path, tiny_c
     s3, name = bucket
     keys = [f"many/{i:02d}.png" for i in range(12)]
     for i, key in enumerate(keys):
-        s3.put_object(Bucket=name, Key=key, Body=_png(10 + i))
+        s3.put_object(Bucket=name, Key=key, Body=png(10 + i))
     env, out = _env(server), tmp_path / "out"
     cmd = [sys.executable, "-m", "maskseg", "predict", f"s3://{name}/many/", "-o", str(out), "--weights",
            str(tiny_checkpoint), *FAST]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    journal = out / "journal.jsonl"
-    while not (journal.exists() and journal.read_bytes().count(b"\n") >= 2):
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
-    before = {d["rel_path"] for d in _done(out)}
+    kill_after_two_batches(cmd, env, out)
+    before = {d["rel_path"] for d in done_records(out)}
     assert 2 <= len(before) < len(keys)
     r = run(env, *cmd[3:])
     assert r.returncode == 0, r.stderr
-    rels = [d["rel_path"] for d in _done(out)]
+    rels = [d["rel_path"] for d in done_records(out)]
     assert sorted(rels) == sorted(k.removeprefix("many/") for k in keys)  # each once: nothing done twice
     assert len(json.loads((out / "predictions.json").read_text())["images"]) == len(keys)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_access_denied(tmp_path, tiny_checkpoint):
     """A moto server that enforces IAM (after the set-up requests): a user that may list the bucket but
     not read its objects gets one failure per image; unknown credentials cannot even list."""
-    port = _free_port()
+    port = free_port()
     setup_requests = 6
     env = dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT=str(setup_requests))
     proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], env=env,
