@@ -86,6 +86,24 @@ def test_quick_start_offline_with_the_bundled_demo_model(tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_the_demo_model_finds_no_fruit_in_the_other_quick_start_photos(tmp_path):
+    """The README's quick start over all of sample_images/: the demo's first impression. It was trained
+    with negative photos, so the cup, the cat, the astronaut, the coins and the rocket hold no fruit at
+    the default score threshold, while the fruit photos still hold many."""
+    out = tmp_path / "out"
+    r = run_cli("predict", ROOT / "sample_images", "-o", out, "--model", "demo")
+    assert r.returncode == 0, r.stderr
+    predictions = json.loads((out / "predictions.json").read_text())
+    names = {im["id"]: im["file_name"] for im in predictions["images"]}
+    found: dict[str, int] = {}
+    for a in predictions["annotations"]:
+        found[names[a["image_id"]]] = found.get(names[a["image_id"]], 0) + 1
+    others = [n for n in names.values() if not n.startswith("fruits_nuts/")]
+    assert sorted(others) == ["astronaut.png", "chelsea.png", "coffee.png", "coins.png", "rocket.jpg"]
+    assert {n: found.get(n, 0) for n in others} == dict.fromkeys(others, 0)
+    assert sum(found.get(n, 0) for n in names.values() if n.startswith("fruits_nuts/")) >= 30
+
+
 def test_torchrun_two_processes_on_cpu(data, tmp_path):
     """The same command under torchrun (DistributedDataParallel, gloo on CPU): one run folder, rank 0 writes."""
     run = tmp_path / "run"
