@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -102,6 +103,9 @@ def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(cluster, pho
         for step in engine.run(refs):
             results.append(step)
             if len(results) == 1:  # the worker node goes away (a preempted machine) with work in flight
+                deadline = time.monotonic() + 120  # under load the second actor may still be loading its model
+                while len({p.name.split("-", 1)[1] for p in nodes.iterdir()}) < 2 and time.monotonic() < deadline:
+                    time.sleep(0.5)
                 placed = {p.name.split("-", 1)[1] for p in nodes.iterdir()}
                 assert placed == {c.head_node.node_id, worker.node_id}, "the actors did not land on both nodes"
                 c.remove_node(worker, allow_graceful=False)
