@@ -148,7 +148,10 @@ def step(name: str, out: Path, n: int) -> dict:
     elif name == "scan-list":  # out is a make_scan_tree folder: scan, resume check, what is left, as predict
         from maskseg.sources import scan_sources
 
-        scan = scan_sources([f"@{out / 'list.txt'}"])
+        try:  # as api.predict scans: OUT never read from, the scan's database spilled into it
+            scan = scan_sources([f"@{out / 'list.txt'}"], exclude=str(out / "out"), spill_dir=str(out / "out"))
+        except TypeError:  # a --baseline-src from before spill_dir
+            scan = scan_sources([f"@{out / 'list.txt'}"], exclude=str(out / "out"))
         assert len(scan.refs) == n, len(scan.refs)
         result["open_s"] = time.perf_counter() - t0
         result["scan_growth_b_per_image"] = (rss_kb() - base) * 1024 / n
@@ -210,7 +213,7 @@ def main() -> None:
         print(f"\nlist of {n:,} files, all done in the journal (made in {time.perf_counter() - t0:.1f} s):")
         runs = {"streamed (this tree)": None}
         if args.baseline_src:
-            runs = {"in memory (baseline)": str(args.baseline_src.resolve()), **runs}
+            runs = {"--baseline-src": str(args.baseline_src.resolve()), **runs}
         for label, src in runs.items():
             env = dict(os.environ, MASKSEG_BENCH_SRC=src) if src else dict(os.environ, MASKSEG_BENCH_SRC="")
             r = subprocess.run([sys.executable, __file__, "--step", "scan-list", str(tree), str(n)],

@@ -65,6 +65,7 @@ _INDEX_VERSION = 1
 _PROBE_BYTES = 4096  # journal bytes hashed at each end of the indexed part to recognise the same journal
 _RECORD_SLICE = 10_000
 _LOOKUP_SLICE = 500  # paths per lookup query (sqlite allows 32766 parameters)
+_JOIN_MIN = 1000  # scanned refs from which a resume check joins them with the index in sqlite
 _INSERT = "INSERT OR REPLACE INTO entries VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _FIELDS = "done, size, mtime_ns, etag, off, image_id, reason, writers"
 _INDEX_ROWS_PER_TX = 50_000
@@ -239,6 +240,9 @@ class Journal:
         checking millions of refs holds none of them in memory; for any other iterable, a list.
         """
         skipped = 0
+        if isinstance(refs, ScanRefs) and len(refs) >= _JOIN_MIN and not self._pending_rows \
+                and not self._pending_entries:
+            refs, skipped = self._undecided(refs, writers)
 
         def verdicts() -> Iterator[tuple[ImageRef, bool | None]]:
             nonlocal skipped
@@ -251,6 +255,28 @@ class Journal:
         else:
             todo = [ref for ref, todo in verdicts() if todo]
         return todo, skipped
+
+    def _undecided(self, refs: ScanRefs, writers: tuple[str, ...]) -> tuple[ScanRefs, int]:
+        """The refs that are not plainly done (done by every writer, same size and version), and how many
+        are: the scan's database joins the index in one query, while this connection is closed (it holds
+        the index's lock). The refs left are decided one by one, as before: new, changed, failed, done by
+        other writers, or named with bytes (0xED) that could be a non-UTF-8 name's, keyed apart in the two
+        databases (``surrogatepass`` there, ``surrogateescape`` here)."""
+        every_writer = " AND ".join("instr(',' || e.writers || ',', ?) > 0" for _ in writers) or "1"
+        where = ("e.rel IS NULL OR e.done != 1 OR e.size IS NOT r.size "
+                 "OR CASE WHEN e.etag IS NULL AND r.etag IS NULL THEN e.mtime_ns IS NOT r.mtime_ns "
+                 f"ELSE e.etag IS NOT r.etag END OR NOT ({every_writer}) OR instr(r.rel, X'ED') > 0")
+        covered = self._covered_if_current()
+        self._db.close()
+        try:
+            left = refs.where_joined(str(self.index_path), "other.entries AS e ON e.rel = r.rel", where,
+                                     [f",{w}," for w in writers])
+        finally:
+            self._db = self._open_index()
+            if self._covered_if_current() != covered:  # unreadable when reopened, and made anew: rebuilt
+                self._db.close()
+                self._load()
+        return left, len(refs) - len(left)
 
     def _verdicts(self, refs: Iterable[ImageRef], writers: tuple[str, ...]) -> Iterator[tuple[ImageRef, bool | None]]:
         """(ref, True) to do, (ref, False) done as it is, (ref, None) failed as it is: for each of ``refs``."""

@@ -16,14 +16,14 @@ import itertools
 import os
 import sqlite3
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 # Paths are BLOBs encoded with ``surrogatepass``: their bytes sort as Python sorts the strings (code point
 # order), lone surrogates of non-UTF-8 file names included, which sqlite's TEXT would refuse.
 _SCHEMA = """
 CREATE TABLE found (seq INTEGER PRIMARY KEY, path BLOB NOT NULL, size INTEGER, mtime_ns INTEGER,
-                    dev INTEGER, ino INTEGER, etag TEXT, problem BLOB);
+                    dev INTEGER, ino INTEGER, etag TEXT, problem BLOB, suffix_bytes INTEGER);
 """
 _CACHE_KIB = 16 * 1024  # sqlite's page cache (and sort memory): a fixed amount, whatever the scan's size
 MEMORY_ROWS = 50_000  # inputs a scan keeps in an in-memory database (a few MiB) before it moves to a file
@@ -33,7 +33,8 @@ _SQLITE_FULL, _SQLITE_IOERR = 13, 10  # sqlite's primary result codes (named in 
 
 class FoundRow(NamedTuple):
     """One input as the walk found it. ``dev``/``ino`` are None for objects and problems; ``problem``
-    says why it cannot be an image (None for an image)."""
+    says why it cannot be an image (None for an image); ``suffix_bytes``, where known, is how many
+    UTF-8 bytes at the end of ``path`` its stem leaves out (see ``finish``)."""
 
     path: str
     size: int | None
@@ -42,6 +43,7 @@ class FoundRow(NamedTuple):
     ino: int | None
     etag: str | None
     problem: str | None
+    suffix_bytes: int | None = None
 
 
 class StoredRef(NamedTuple):
@@ -121,32 +123,47 @@ class ScanStore:
         """Close the database (its disk space is freed); rows can no longer be read."""
         self._db.close()
 
-    def add(self, rows: Iterable[FoundRow]) -> None:
-        """Store ``rows`` in the order given (the order decides which duplicate is kept)."""
+    def add(self, rows: Iterable[tuple]) -> None:
+        """Store ``rows`` in the order given (the order decides which duplicate is kept): ``FoundRow``s, or
+        plain tuples of its eight fields."""
         it = iter(rows)
         while chunk := list(itertools.islice(it, _ROWS_PER_TX)):
-            self._bulk("INSERT INTO found (path, size, mtime_ns, dev, ino, etag, problem) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                       [(_enc(r.path), r.size, r.mtime_ns, r.dev, r.ino, r.etag,
-                         None if r.problem is None else _enc(r.problem)) for r in chunk])
+            self._bulk("INSERT INTO found (path, size, mtime_ns, dev, ino, etag, problem, suffix_bytes) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       [(path.encode("utf-8", "surrogatepass"), size, mtime_ns, dev, ino, etag,
+                         None if problem is None else _enc(problem), suffix_bytes)
+                        for path, size, mtime_ns, dev, ino, etag, problem, suffix_bytes in chunk])
             self._found += len(chunk)
             if not self.on_disk and self._found > self.memory_rows:
                 self._spill()
 
-    def finish(self, relative: Callable[[str], str], stem_of: Callable[[str], str], prefix: str
-               ) -> list[tuple[str, str, str]]:
+    def finish(self, relative: Callable[[str], str], stem_of: Callable[[str], str], prefix: str, *,
+               local: bool = False) -> list[tuple[str, str, str]]:
         """Sort and de-duplicate what was added; return the problems as (path, rel_path, reason), sorted.
 
         ``relative(path)`` is an input's rel_path, ``stem_of(rel_path)`` an image's output stem before
-        collisions; a path equal to ``prefix + rel_path`` is stored as NULL.
+        collisions; a path equal to ``prefix + rel_path`` is stored as NULL. ``local`` says that, for
+        every path that starts with ``prefix``, ``relative`` cuts the prefix off and ``stem_of`` cuts the
+        ``suffix_bytes`` the row gives: when every row has them, sqlite names the rows itself (no Python
+        per row).
         """
         db = self._db
         self.prefix = prefix
         db.execute("CREATE TABLE byrel (rel BLOB PRIMARY KEY, seq INTEGER NOT NULL, path BLOB, stem_len INTEGER, "
                    "stem BLOB, size INTEGER, mtime_ns INTEGER, dev INTEGER, ino INTEGER, etag TEXT, problem BLOB) "
                    "WITHOUT ROWID")
+        cut = len(_enc(prefix))
+        if local and cut and db.execute(
+                "SELECT 1 FROM found WHERE substr(path, 1, ?) != ? OR length(path) <= ? "
+                "OR (problem IS NULL AND suffix_bytes IS NULL) LIMIT 1", (cut, _enc(prefix), cut)).fetchone() is None:
+            # The first row of each relative path wins (as below), named by cutting bytes off.
+            self._bulk("INSERT OR IGNORE INTO byrel SELECT substr(path, ? + 1), seq, NULL, "
+                       "length(path) - ? - CASE WHEN problem IS NULL THEN suffix_bytes ELSE 0 END, NULL, "
+                       "size, mtime_ns, dev, ino, etag, problem FROM found ORDER BY seq", [(cut, cut)])
+            return self._finish_named()
 
         def named() -> Iterator[tuple]:
-            for seq, path_key, *rest in db.execute("SELECT * FROM found ORDER BY seq"):
+            for seq, path_key, *rest, _ in db.execute("SELECT * FROM found ORDER BY seq"):
                 path = _dec(path_key)
                 rel = relative(path)
                 rel_key = _enc(rel)
@@ -158,10 +175,16 @@ class ScanStore:
 
         # The first row of each relative path wins; then the first of each file among those left.
         self._bulk("INSERT OR IGNORE INTO byrel VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", named())
+        return self._finish_named()
+
+    def _finish_named(self) -> list[tuple[str, str, str]]:
+        """``finish`` once ``byrel`` holds the first row of each relative path."""
+        db, prefix = self._db, self.prefix
         db.execute("DROP TABLE found")
         self._bulk("CREATE INDEX byrel_file ON byrel (dev, ino, seq) WHERE dev IS NOT NULL", None)
-        self._bulk("DELETE FROM byrel WHERE dev IS NOT NULL AND seq > (SELECT MIN(seq) FROM byrel AS b "
-                   "WHERE b.dev = byrel.dev AND b.ino = byrel.ino)", None)
+        self._bulk("DELETE FROM byrel WHERE rel IN (SELECT b.rel FROM (SELECT dev, ino, MIN(seq) AS first FROM byrel "
+                   "WHERE dev IS NOT NULL GROUP BY dev, ino HAVING COUNT(*) > 1) AS d JOIN byrel AS b "
+                   "ON b.dev = d.dev AND b.ino = d.ino AND b.seq > d.first)", None)
         stem = "COALESCE(stem, substr(rel, 1, stem_len))"
         self._bulk(f"CREATE TABLE shared AS SELECT {stem} AS stem FROM byrel WHERE problem IS NULL "
                    f"GROUP BY {stem} HAVING COUNT(*) > 1", None)
@@ -190,6 +213,40 @@ class ScanStore:
         if found is None:
             raise IndexError(index)
         return self._ref(found[1:])
+
+    def select_joined(self, path: str, join: str, where: str, params: Sequence[object],
+                      selection: str | None = None) -> tuple[str, int]:
+        """A new selection of the images (of all, or of ``selection``) for which ``where`` holds, with the
+        sqlite database at ``path`` attached as ``other`` and LEFT JOINed ``join`` (SQL after ``JOIN``).
+
+        Images are ``r`` (columns: pos, rel, path, stem_len, stem, shared, size, mtime_ns, etag; ``rel`` is
+        ``surrogatepass`` UTF-8). ``other`` is opened with an exclusive lock (a database in WAL mode needs no
+        shared memory then) and detached before this returns: nobody else may have it open meanwhile.
+        """
+        db = self._db
+        self._selections += 1
+        name = f"sel_{self._selections}"
+        db.execute(f"CREATE TABLE {name} (i INTEGER PRIMARY KEY, pos INTEGER NOT NULL)")
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        try:
+            db.execute("ATTACH DATABASE ? AS other", (path,))
+            try:
+                self._bulk(f"INSERT INTO {name} (pos) SELECT r.pos FROM {self._from(selection)} LEFT JOIN {join} "
+                           f"WHERE {where} ORDER BY {self._order(selection)}", [tuple(params)])
+            finally:
+                if not self._closed():
+                    db.execute("DETACH DATABASE other")
+        finally:
+            if not self._closed():
+                db.execute("PRAGMA locking_mode = NORMAL")
+        return name, db.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
+
+    def _closed(self) -> bool:
+        try:
+            self._db.total_changes  # noqa: B018 - raises once the connection is closed
+        except sqlite3.ProgrammingError:
+            return True
+        return False
 
     def positions(self, selection: str | None = None) -> Iterator[int]:
         """The positions of ``rows``, alone."""

@@ -14,16 +14,18 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, NamedTuple, overload
+from typing import Any, overload
 
 from .config import IMAGE_EXTENSIONS, MAX_LIST_BYTES, MAX_LIST_ENTRIES, MAX_LIST_LINE_BYTES, VIDEO_EXTENSIONS
 from .errors import SourceError
-from .objects import ObjectInfo, is_url, list_objects
+from .objects import is_url, list_objects
 from .scanstore import FoundRow, ScanStore, StoredRef
 
 log = logging.getLogger(__name__)
 
 _GLOB_MAGIC = re.compile(r"[*?\[]")
+_MEDIA_EXTENSIONS = frozenset(IMAGE_EXTENSIONS) | frozenset(VIDEO_EXTENSIONS)
+_LIST_BLOCK_BYTES = 1 << 20  # a list file or stdin is read this much at a time
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +109,14 @@ class ScanRefs(Sequence[ImageRef]):
         name, count = self._store.select(pos for pos, flag in zip(positions, keep, strict=True) if flag)
         return ScanRefs(self._store, name, count)
 
+    def where_joined(self, path: str, join: str, where: str, params: Sequence[object]) -> ScanRefs:
+        """The images for which the SQL ``where`` holds, joined with another sqlite database: see
+        ``ScanStore.select_joined`` for the names it may use."""
+        if self._store is None:
+            return self
+        name, count = self._store.select_joined(path, join, where, params, self._selection)
+        return ScanRefs(self._store, name, count)
+
     def close(self) -> None:
         """Free the scan's database: this, and every ``ScanRefs`` of the same scan, can no longer be read."""
         if self._store is not None:
@@ -141,28 +151,54 @@ class ListLimits:
     line_bytes: int = MAX_LIST_LINE_BYTES
 
 
-class _Stat(NamedTuple):
-    """What a scan keeps of a file's stat (a tuple: 184 B a file, where an ``os.stat_result`` is 644)."""
-
-    size: int
-    mtime_ns: int
-    dev: int
-    ino: int
+# What the walk yields for each input: (root, row). ``root`` is the folder (or URL prefix) the path is
+# reported relative to; ``row`` is a ``FoundRow`` or, on the paths millions of files take, a plain tuple of
+# its fields (a tenth of the cost to make).
+_Row = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None, int | None]
+_Found = tuple[str, _Row]
 
 
-@dataclass(frozen=True, slots=True)
-class _Found:
-    path: str  # absolute
-    root: str  # absolute folder the path is reported relative to
-    stat: _Stat | None
-    problem: str | None = None
-    obj: ObjectInfo | None = None  # an object in object storage: path and root are URLs
+def _problem(path: str, root: str, reason: str) -> _Found:
+    return root, FoundRow(path, None, None, None, None, None, reason)
+
+
+class _Excluded:
+    """The output folder, never read from. Whether a path lies in it is decided on real (symlink-resolved)
+    paths; a file that is not a link is where its folder really is, so a folder's answer is kept for the
+    files that follow it (a list names thousands of files of one folder in a row)."""
+
+    _FOLDERS_KEPT = 4096
+
+    def __init__(self, folder: str) -> None:
+        self.folder = os.path.abspath(folder)
+        self._real = os.path.realpath(folder)
+        self._prefix = self._real.rstrip(os.sep) + os.sep
+        self._folders: dict[str, bool] = {}
+
+    def holds(self, path: str) -> bool:
+        """Whether ``path`` (any kind, links resolved) is the output folder or inside it."""
+        real = os.path.realpath(path)
+        return real == self._real or real.startswith(self._prefix)
+
+    def holds_file(self, path: str, *, link: bool) -> bool:
+        """``holds`` for a file known to be a symlink (``link``) or not, by its folder's answer when it is not."""
+        if link:
+            return self.holds(path)
+        return self.holds_folder(os.path.dirname(path))
+
+    def holds_folder(self, folder: str) -> bool:
+        """``holds`` for a folder, remembered for the files after it."""
+        inside = self._folders.get(folder)
+        if inside is None:
+            if len(self._folders) >= self._FOLDERS_KEPT:
+                self._folders.clear()
+            inside = self._folders[folder] = self.holds(folder)
+        return inside
 
 
 def is_image_name(name: str) -> bool:
     """True when ``name`` has an image or video extension (case-insensitive) and is not hidden."""
-    ext = os.path.splitext(name)[1].lower()
-    return not name.startswith(".") and (ext in IMAGE_EXTENSIONS or ext in VIDEO_EXTENSIONS)
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in _MEDIA_EXTENSIONS
 
 
 def scan_sources(
@@ -186,17 +222,18 @@ def scan_sources(
     inside ``exclude``, or a list past ``limits``.
     """
     limits = limits or ListLimits()
-    exclude_abs = os.path.abspath(exclude) if exclude else None
+    excluded = _Excluded(exclude) if exclude else None
     store = ScanStore(spill_dir)
     roots = _CommonRoot()
     try:
-        store.add(roots.rows(_found(inputs, recursive, exclude_abs, stdin, limits)))
+        store.add(roots.rows(_found(inputs, recursive, excluded, stdin, limits)))
         if len(roots.kinds) > 1:
             raise SourceError("inputs mix object storage URLs and local paths; run them into separate output folders")
-        relative = _url_relative if True in roots.kinds else _path_relative
+        urls = True in roots.kinds
+        relative = _url_relative if urls else _path_relative
         common = roots.root or ""
         prefix = common if not common or common.endswith("/") else common + "/"
-        problems = store.finish(lambda path: relative(path, common), _stem, prefix)
+        problems = store.finish(lambda path: relative(path, common), _stem, prefix, local=not urls and os.sep == "/")
     except BaseException:
         store.close()
         raise
@@ -206,7 +243,7 @@ def scan_sources(
     return SourceScan(ScanRefs(store), [SourceProblem(*p) for p in problems])
 
 
-def _found(inputs: Iterable[str], recursive: bool, exclude: str | None, stdin: Iterable[str] | None,
+def _found(inputs: Iterable[str], recursive: bool, exclude: _Excluded | None, stdin: Iterable[str] | None,
            limits: ListLimits) -> Iterator[_Found]:
     """Everything the inputs name, in the order given (and each folder's in name order)."""
     for item in inputs:
@@ -227,30 +264,37 @@ class _CommonRoot:
         self.kinds: set[bool] = set()
         self._last: str | None = None
 
-    def rows(self, found: Iterable[_Found]) -> Iterator[FoundRow]:
+    def rows(self, found: Iterable[_Found]) -> Iterator[_Row]:
         """``found`` as the store's rows, taking each new root into account."""
-        for f in found:
-            if f.root != self._last:  # inputs come a folder at a time: roots repeat
-                self._last = f.root
-                url = is_url(f.root)
+        for root, row in found:
+            if root != self._last:  # inputs come a folder at a time: roots repeat
+                self._last = root
+                url = is_url(root)
                 self.kinds.add(url)
                 if self.root is None:
-                    self.root = f.root
+                    self.root = root
                 elif len(self.kinds) == 1:
-                    self.root = _common_root([self.root, f.root], is_urls=url)
-            yield _row(f)
-
-
-def _row(f: _Found) -> FoundRow:
-    if f.obj is not None:
-        return FoundRow(f.path, f.obj.size, f.obj.mtime_ns, None, None, f.obj.etag, f.problem)
-    if f.stat is not None:
-        return FoundRow(f.path, f.stat.size, f.stat.mtime_ns, f.stat.dev, f.stat.ino, None, f.problem)
-    return FoundRow(f.path, None, None, None, None, None, f.problem or "unusable")
+                    self.root = _common_root([self.root, root], is_urls=url)
+            yield row
 
 
 def _stem(rel: str) -> str:
     return str(PurePosixPath(rel).with_suffix(""))
+
+
+def _file_row(path: str, st: os.stat_result) -> FoundRow:
+    return FoundRow(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, None, None, _suffix_bytes(path))
+
+
+def _suffix_bytes(path: str) -> int:
+    """The UTF-8 length of what ``_stem`` strips from a normalised path's name: pathlib's suffix (the last
+    dot and after, unless the dot starts or ends the name), so the store can cut stems without Python."""
+    name = path[path.rfind("/") + 1:]
+    dot = name.rfind(".")
+    if not 0 < dot < len(name) - 1:
+        return 0
+    suffix = name[dot:]
+    return len(suffix) if suffix.isascii() else len(suffix.encode("utf-8", "surrogatepass"))
 
 
 def _image_ref(stored: StoredRef) -> ImageRef:
@@ -262,30 +306,47 @@ def _image_ref(stored: StoredRef) -> ImageRef:
     return ImageRef(stored.path, stored.rel_path, stem, stored.size, stored.mtime_ns, stored.etag)
 
 
-def _from_argument(item: str, recursive: bool, exclude: str | None, *, explicit: bool) -> Iterator[_Found]:
+def _from_argument(item: str, recursive: bool, exclude: _Excluded | None, *, explicit: bool) -> Iterator[_Found]:
     if is_url(item):
         yield from _from_url(item, recursive)
         return
-    path = os.path.abspath(item)
+    yield from _from_local(_abspath(item), item, recursive, exclude, explicit=explicit)
+
+
+def _abspath(path: str) -> str:
+    """``os.path.abspath``, without its normalisation where the path has nothing to normalise."""
+    if os.sep != "/" or not path.startswith("/") or "//" in path or "/." in path or path.endswith("/"):
+        return os.path.abspath(path)
+    return path
+
+
+def _from_local(path: str, item: str, recursive: bool, exclude: _Excluded | None, *,
+                explicit: bool) -> Iterator[_Found]:
+    """What the absolute, normalised local ``path`` (given as ``item``) names: a file, a folder or a glob."""
+    link = False
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            link = True
+            st = os.stat(path)
     except FileNotFoundError:
-        if os.path.islink(path):
-            yield _Found(path, os.path.dirname(path), None, "dangling symlink")
+        if link:
+            yield _problem(path, os.path.dirname(path), "dangling symlink")
             return
         if _GLOB_MAGIC.search(item):
             yield from _from_glob(item, exclude)
             return
         raise SourceError(f"{item}: no such file or folder") from None
     except OSError as exc:
-        yield _Found(path, os.path.dirname(path), None, f"cannot stat: {exc.strerror}")
+        yield _problem(path, os.path.dirname(path), f"cannot stat: {exc.strerror}")
         return
-    if exclude and _inside(exclude, path):
+    is_dir = stat.S_ISDIR(st.st_mode)
+    if exclude and (exclude.holds(path) if is_dir else exclude.holds_file(path, link=link)):
         if explicit:
-            raise SourceError(f"{item}: is inside the output folder {exclude}; images are never read from it")
-        yield _Found(path, os.path.dirname(path), None, "inside the output folder; not read")
+            raise SourceError(f"{item}: is inside the output folder {exclude.folder}; images are never read from it")
+        yield _problem(path, os.path.dirname(path), "inside the output folder; not read")
         return
-    if stat.S_ISDIR(st.st_mode):
+    if is_dir:
         yield from _walk(path, path, recursive, exclude)
     else:
         yield _check_file(path, os.path.dirname(path), st)
@@ -295,29 +356,30 @@ def _from_url(url: str, recursive: bool) -> Iterator[_Found]:
     root, objects = list_objects(url, recursive=recursive)
     for obj in objects:
         if is_image_name(obj.url.rsplit("/", 1)[-1]):
-            yield _Found(obj.url, root, None, obj=obj)
+            yield root, FoundRow(obj.url, obj.size, obj.mtime_ns, None, None, obj.etag, None)
 
 
 def _check_file(path: str, root: str, st: os.stat_result) -> _Found:
     if stat.S_ISREG(st.st_mode):
-        return _Found(path, root, _Stat(st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino))
+        return root, _file_row(path, st)
     kind = "FIFO" if stat.S_ISFIFO(st.st_mode) else "device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(
         st.st_mode) else "socket" if stat.S_ISSOCK(st.st_mode) else "special file"
-    return _Found(path, root, None, f"not a regular file ({kind}); not opened")
+    return _problem(path, root, f"not a regular file ({kind}); not opened")
 
 
 def _walk(
-    top: str, root: str, recursive: bool, exclude: str | None, *, images_only: bool = True
+    top: str, root: str, recursive: bool, exclude: _Excluded | None, *, images_only: bool = True
 ) -> Iterator[_Found]:
     """Depth-first walk following symlinks to folders, but each real folder once (no cycles)."""
     seen: set[tuple[int, int]] = set()
     stack = [top]
+    stat_of, is_regular = os.stat, stat.S_ISREG
     while stack:
         folder = stack.pop()
         try:
             st = os.stat(folder)
         except OSError as exc:
-            yield _Found(folder, root, None, f"cannot read folder: {exc.strerror}")
+            yield _problem(folder, root, f"cannot read folder: {exc.strerror}")
             continue
         key = (st.st_dev, st.st_ino)
         if key in seen:
@@ -327,39 +389,48 @@ def _walk(
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as exc:
-            yield _Found(folder, root, None, f"cannot read folder: {exc.strerror}")
+            yield _problem(folder, root, f"cannot read folder: {exc.strerror}")
             continue
         subfolders = []
+        base = folder if folder.endswith(os.sep) else folder + os.sep
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name[0] == ".":
                 continue
-            full = os.path.join(folder, entry.name)
+            full = base + name
             try:
                 is_dir = entry.is_dir(follow_symlinks=True)
             except OSError:
                 is_dir = False
             if is_dir:
-                if exclude and _inside(exclude, full):
+                if exclude and exclude.holds(full):
                     log.info("%s: the output folder, inside the input; not read", full)
                 elif recursive:
                     subfolders.append(full)
                 continue
-            if images_only and not is_image_name(entry.name):
+            dot = name.rfind(".")
+            if images_only and (dot <= 0 or name[dot:].lower() not in _MEDIA_EXTENSIONS):
                 continue
             try:
-                est = os.stat(full)
+                est = stat_of(full)
             except FileNotFoundError:
                 problem = "dangling symlink" if entry.is_symlink() else "vanished while scanning"
-                yield _Found(full, root, None, problem)
+                yield _problem(full, root, problem)
                 continue
             except OSError as exc:
-                yield _Found(full, root, None, f"cannot stat: {exc.strerror}")
+                yield _problem(full, root, f"cannot stat: {exc.strerror}")
                 continue
-            yield _check_file(full, root, est)
+            if is_regular(est.st_mode):  # as _check_file, without a call: millions of files go by
+                suffix = len(name) - dot if 0 < dot < len(name) - 1 else 0
+                if suffix and not name.isascii():
+                    suffix = _suffix_bytes(name)
+                yield root, (full, est.st_size, est.st_mtime_ns, est.st_dev, est.st_ino, None, None, suffix)
+            else:
+                yield _check_file(full, root, est)
         stack.extend(reversed(subfolders))
 
 
-def _from_glob(pattern: str, exclude: str | None) -> Iterator[_Found]:
+def _from_glob(pattern: str, exclude: _Excluded | None) -> Iterator[_Found]:
     """Expand a glob (``**`` spans folders) by walking its fixed prefix with the safe walker.
 
     Written by hand because ``glob.glob(recursive=True)`` follows symlink cycles without end.
@@ -371,18 +442,18 @@ def _from_glob(pattern: str, exclude: str | None) -> Iterator[_Found]:
             break
         fixed.append(part)
     root = os.sep.join(fixed) or os.sep
-    if exclude and _inside(exclude, root):
-        raise SourceError(f"{pattern}: is inside the output folder {exclude}; images are never read from it")
+    if exclude and exclude.holds(root):
+        raise SourceError(f"{pattern}: is inside the output folder {exclude.folder}; images are never read from it")
     rest = "/".join(parts[len(fixed):])
     regex = _glob_to_regex(rest)
     recursive = "**" in rest or rest.count("/") > 0
     matched = 0
     if os.path.isdir(root):
-        for item in _walk(root, root, recursive, exclude, images_only=False):
-            rel = os.path.relpath(item.path, root).replace(os.sep, "/")
+        for _, row in _walk(root, root, recursive, exclude, images_only=False):
+            rel = os.path.relpath(row[0], root).replace(os.sep, "/")
             if regex.fullmatch(rel):
                 matched += 1
-                yield _Found(item.path, root, item.stat, item.problem)
+                yield root, row
     if not matched:
         log.warning("%s: the pattern matched no files", pattern)
 
@@ -421,35 +492,52 @@ def _glob_to_regex(pattern: str) -> re.Pattern[str]:
 
 
 def _read_list(stream: Any, what: str, limits: ListLimits) -> Iterator[str]:
-    """The lines of a list, as they are read: a binary or text stream a bounded line at a time, or an
-    iterable of str. Bytes are decoded as file names are (``os.fsdecode``), so non-UTF-8 names survive."""
-    if not hasattr(stream, "readline"):
+    """The lines of a list, as they are read: a binary or text stream a block at a time (a line longer
+    than ``limits.line_bytes`` is refused before more is read), or an iterable of str. Bytes are decoded as
+    file names are (``os.fsdecode``), so non-UTF-8 names survive. Lines come without their newline."""
+    if not hasattr(stream, "read"):
         for count, line in enumerate(stream):
             if count >= limits.entries:
                 raise SourceError(f"{what}: more than {limits.entries:,} entries; split the list")
             yield line
         return
+    read = getattr(stream, "read1", stream.read)  # what a pipe has now, not a whole block
+    encoding = sys.getfilesystemencoding()
     total = count = 0
+    rest: Any = None  # the end of the last block, after its last newline (bytes, or str from a text stream)
     while True:
         try:
-            line = stream.readline(limits.line_bytes + 1)
+            block = read(_LIST_BLOCK_BYTES)
         except OSError as exc:
             raise SourceError(f"{what}: cannot read list file: {exc.strerror}") from None
-        if not line:
-            return
-        total += len(line)
-        if len(line) > limits.line_bytes:
-            raise SourceError(f"{what}: line {count + 1} is over {limits.line_bytes:,} bytes; "
-                              "not a list of paths")
+        total += len(block)
         if total > limits.total_bytes:
             raise SourceError(f"{what}: over {limits.total_bytes:,} bytes; split the list")
-        if count >= limits.entries:
+        rest = block[:0] if rest is None else rest
+        newline = "\n" if isinstance(block, str) else b"\n"
+        if block:
+            data = rest + block
+        elif rest:
+            data = rest + newline  # a last line without its newline
+        else:
+            return
+        cut = data.rfind(newline) + 1
+        lines = data[:cut].split(newline)[:-1]
+        rest = data[cut:]
+        if len(rest) > limits.line_bytes or (lines and max(map(len, lines)) >= limits.line_bytes):
+            too_long = next((i for i, line in enumerate(lines) if len(line) >= limits.line_bytes), len(lines))
+            raise SourceError(f"{what}: line {count + too_long + 1} is over {limits.line_bytes:,} bytes; "
+                              "not a list of paths")
+        count += len(lines)
+        if count > limits.entries:
             raise SourceError(f"{what}: more than {limits.entries:,} entries; split the list")
-        count += 1
-        yield os.fsdecode(line) if isinstance(line, bytes) else line
+        if lines and isinstance(data, bytes):
+            lines = data[:cut - 1].decode(encoding, "surrogateescape").split("\n")
+        yield from lines
 
 
-def _from_list_file(list_path: str, recursive: bool, exclude: str | None, limits: ListLimits) -> Iterator[_Found]:
+def _from_list_file(list_path: str, recursive: bool, exclude: _Excluded | None, limits: ListLimits
+                    ) -> Iterator[_Found]:
     try:
         fh = open(list_path, "rb")  # noqa: SIM115 - closed below, once its lines have been walked
     except OSError as exc:
@@ -459,34 +547,47 @@ def _from_list_file(list_path: str, recursive: bool, exclude: str | None, limits
         yield from _from_list(_read_list(fh, list_path, limits), base, recursive, exclude)
 
 
-def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: str | None) -> Iterator[_Found]:
+def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: _Excluded | None) -> Iterator[_Found]:
+    base = base.rstrip(os.sep) + os.sep
+    posix, lstat, is_regular = os.sep == "/", os.lstat, stat.S_ISREG
     for raw in lines:
-        entry = raw.rstrip("\r\n").strip()
-        if not entry or entry.startswith("#"):
+        entry = raw.strip()
+        if not entry or entry[0] == "#":
             continue
-        if is_url(entry):
+        if "://" in entry and is_url(entry):
             try:
                 yield from _from_url(entry, recursive)
             except SourceError as exc:
-                yield _Found(entry, entry.rsplit("/", 1)[0], None, _listed_reason(exc, entry))
+                yield _problem(entry, entry.rsplit("/", 1)[0], _listed_reason(exc, entry))
             continue
-        path = entry if os.path.isabs(entry) else os.path.join(base, entry)
+        path = entry if entry[0] == os.sep else base + entry
+        if not posix or "//" in path or "/." in path or path[-1] == "/":
+            path = os.path.abspath(path)
+        # Most entries are files: one lstat and a row, the folder's answer for the output folder kept for
+        # the files after it.
         try:
-            yield from _from_argument(path, recursive, exclude, explicit=False)
+            st = lstat(path)
+        except OSError:
+            st = None
+        if posix and st is not None and is_regular(st.st_mode):
+            cut = path.rfind("/")
+            folder = path[:cut] or "/"
+            if exclude is None or not exclude.holds_folder(folder):
+                dot = path.rfind(".")
+                suffix = len(path) - dot if cut + 1 < dot < len(path) - 1 else 0
+                if suffix and not path.isascii():
+                    suffix = _suffix_bytes(path)
+                yield folder, (path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, None, None, suffix)
+                continue
+        try:  # everything else (a link, a folder, a glob, nothing) as an argument is taken
+            yield from _from_local(path, path, recursive, exclude, explicit=False)
         except SourceError:
-            yield _Found(os.path.abspath(path), os.path.dirname(os.path.abspath(path)), None,
-                         "listed but does not exist")
+            yield _problem(path, os.path.dirname(path), "listed but does not exist")
 
 
 def _listed_reason(exc: SourceError, entry: str) -> str:
     text = str(exc).removeprefix(f"{entry}: ")
     return "listed but does not exist" if text.startswith("no such") else f"listed but {text}"
-
-
-def _inside(folder: str, path: str) -> bool:
-    folder = os.path.realpath(folder)
-    path = os.path.realpath(path)
-    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _common_root(roots: list[str], *, is_urls: bool) -> str:

@@ -245,3 +245,49 @@ def test_pending_is_what_is_done_and_is_known_failure_say(tmp_path):
     todo, skipped = j.pending(refs, ("coco", "overlay"))  # done, but not by every writer of this run
     assert [r.rel_path for r in todo] == ["changed.jpg", "done.jpg", "fixed.jpg", "new.jpg", "queued.jpg"]
     j.close()
+
+
+@pytest.mark.parametrize("join_min", [0, 10**9], ids=["joined-in-sqlite", "ref-by-ref"])
+def test_pending_of_a_scan_joins_the_index_with_the_same_verdicts(tmp_path, monkeypatch, join_min):
+    """A scan's resume check joins its refs with the index in sqlite; the refs that are not plainly done
+    go ref by ref: the answer is the same either way, non-UTF-8 names and 0xED bytes included."""
+    from maskseg.sources import scan_sources
+
+    images = tmp_path / "in"
+    images.mkdir()
+    names = ["done.jpg", "touched.jpg", "grown.jpg", "coco-only.jpg", "failed.jpg", "fixed.jpg", "new.jpg",
+             "\ud55c.jpg", os.fsdecode(b"caf\xe9.jpg")]  # U+D55C is 0xED 0x95 0x9C in UTF-8
+    for name in names:
+        with open(os.path.join(os.fsencode(images), os.fsencode(name)), "wb") as fh:
+            fh.write(b"x" * 10)
+    scan = scan_sources([str(images)], spill_dir=str(tmp_path))
+    refs = {r.rel_path: r for r in scan.refs}
+    out = tmp_path / "out"
+    out.mkdir()
+    j = Journal(out)
+    for i, name in enumerate(["done.jpg", "touched.jpg", "grown.jpg", "\ud55c.jpg", names[-1]], 1):
+        j.add(dict(_done(name, i), size=10, mtime_ns=refs[name].mtime_ns, writers=["coco", "overlay"]))
+    j.add(dict(_done("coco-only.jpg", 9), size=10, mtime_ns=refs["coco-only.jpg"].mtime_ns))
+    j.add({"kind": "failed", "rel_path": "failed.jpg", "path": "/x", "size": 10,
+           "mtime_ns": refs["failed.jpg"].mtime_ns, "reason": "r"})
+    j.add({"kind": "failed", "rel_path": "fixed.jpg", "path": "/x", "size": 10, "mtime_ns": 1, "reason": "r"})
+    j.close()
+    os.utime(images / "touched.jpg", ns=(1, 1))
+    (images / "grown.jpg").write_bytes(b"x" * 11)
+    scan = scan_sources([str(images)], spill_dir=str(tmp_path))
+
+    monkeypatch.setattr(journal_module, "_JOIN_MIN", join_min)
+    decided = []
+    verdicts = Journal._verdicts
+    monkeypatch.setattr(Journal, "_verdicts", lambda self, r, w: (decided.append(len(r)), verdicts(self, r, w))[1])
+    j = Journal(out)
+    todo, skipped = j.pending(scan.refs, ("coco", "overlay"))
+    assert sorted(r.rel_path for r in todo) == ["coco-only.jpg", "fixed.jpg", "grown.jpg", "new.jpg", "touched.jpg"]
+    assert skipped == 3  # done.jpg and both odd names; failed.jpg is neither to do nor skipped
+    # Joined, only what is not plainly done is decided ref by ref: the six others and the two odd names.
+    assert decided == ([8] if join_min == 0 else [len(names)])
+    todo, skipped = j.pending(scan.refs, ("coco",))
+    assert sorted(r.rel_path for r in todo) == ["fixed.jpg", "grown.jpg", "new.jpg", "touched.jpg"] and skipped == 4
+    j.close()
+    scan.close()
+    assert sorted(p.name for p in out.iterdir()) == sorted([INDEX_NAME, JOURNAL_NAME])  # no scratch left

@@ -249,3 +249,64 @@ def test_scan_database_is_unlinked_at_once_and_closed_with_the_scan(tmp_path):
         list(scan.refs)
     empty = scan_sources([str(spill)], spill_dir=str(spill))  # nothing found: no database kept open
     assert empty.refs == [] and len(empty.refs) == 0 and list(empty.refs) == []
+
+
+def test_listed_files_reaching_out_through_links_are_not_read(tmp_path):
+    """A list's files are checked against OUT by their folder's real path (kept for the files after it), and
+    a listed symlink by its own: neither a linked folder nor a linked file lets OUT's files in."""
+    out = tmp_path / "out"
+    (out / "overlays").mkdir(parents=True)
+    for name in ("a.jpg", "b.jpg"):
+        (out / "overlays" / name).write_bytes(b"x")
+    (tmp_path / "via").symlink_to(out / "overlays")
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "y.jpg").write_bytes(b"x")
+    (tmp_path / "in" / "link.jpg").symlink_to(out / "overlays" / "b.jpg")
+    lst = tmp_path / "list.txt"
+    lst.write_text("via/a.jpg\nvia/b.jpg\nin/y.jpg\nin/link.jpg\n")
+    scan = scan_sources([f"@{lst}"], exclude=str(out))
+    assert [r.rel_path for r in scan.refs] == ["in/y.jpg"]
+    assert sorted((p.rel_path, p.reason) for p in scan.problems) == [
+        ("in/link.jpg", "inside the output folder; not read"), ("via/a.jpg", "inside the output folder; not read"),
+        ("via/b.jpg", "inside the output folder; not read")]
+
+
+@pytest.mark.parametrize("name", ["a.jpg", "a.tar.gz", "a.", ".jpg", "..jpg", "a..jpg", "noext", "a b.JPG", "a.b/c",
+                                  "\u00e9t\u00e9.j\u00e9g", "x.\U0001f600", os.fsdecode(b"caf\xe9.jp\xe9g")])
+def test_stems_cut_in_sqlite_are_pathlibs(tmp_path, name):
+    """The scan's database cuts stems by the suffix's byte count; they equal ``PurePosixPath.with_suffix('')``."""
+    from pathlib import PurePosixPath
+
+    from maskseg.sources import _suffix_bytes
+
+    rel = "sub/" + name
+    key = rel.encode("utf-8", "surrogatepass")
+    cut = key[:len(key) - _suffix_bytes("/r/" + rel)].decode("utf-8", "surrogatepass")
+    assert cut == str(PurePosixPath(rel).with_suffix(""))
+
+
+@pytest.mark.parametrize("block", [1, 7, 1 << 20])
+def test_lists_are_read_a_block_at_a_time_and_lines_survive_any_cut(tmp_path, monkeypatch, block):
+    """Block edges may fall inside a line, a multi-byte character or a CRLF: the lines are the same."""
+    import io
+
+    from maskseg import sources
+
+    monkeypatch.setattr(sources, "_LIST_BLOCK_BYTES", block)
+    names = ["\u00e9t\u00e9.jpg", os.fsdecode(b"caf\xe9.jpg"), "b.jpg", "\U0001f600.png"]
+    for name in names:
+        with open(os.path.join(os.fsencode(tmp_path), os.fsencode(name)), "wb") as fh:
+            fh.write(b"x")
+    data = b"# list\r\n" + b"\r\n".join(os.fsencode(n) for n in names[:2]) + b"\n\n" + \
+        b"\n".join(os.fsencode(n) for n in names[2:])  # no newline after the last line
+    lst = tmp_path / "list.txt"
+    lst.write_bytes(data)
+    expected = sorted(names)
+    assert [r.rel_path for r in scan_sources([f"@{lst}"]).refs] == expected
+    piped = io.BufferedReader(io.BytesIO(data))  # as sys.stdin.buffer: read1 gives what is there
+    monkeypatch.chdir(tmp_path)
+    assert [r.rel_path for r in scan_sources(["-"], stdin=piped).refs] == expected
+    with pytest.raises(SourceError, match="line 2 is over 10 bytes"):  # 9 bytes, CR and LF
+        scan_sources([f"@{lst}"], limits=ListLimits(line_bytes=10))
+    with pytest.raises(SourceError, match="more than 4 entries"):
+        scan_sources([f"@{lst}"], limits=ListLimits(entries=4))
