@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -72,12 +71,46 @@ def cut_objects(scale: float) -> list[tuple[int, object, object]]:
     return out
 
 
+def place_objects(rng, cut: list, size: int, objects: int) -> list[tuple[int, int, int, object, object]]:
+    """Up to ``objects`` (category_id, x, y, BGR patch, bool mask) drawn from ``cut`` (half of them mirrored)
+    at random places on a ``size`` x ``size`` canvas, 8 px apart; gives up after ``objects * 50`` tries."""
+    import numpy as np
+
+    placed: list[tuple[int, int, int, object, object]] = []
+    tries = 0
+    while len(placed) < objects and tries < objects * 50:
+        tries += 1
+        cat, patch, m = cut[int(rng.integers(len(cut)))]
+        if rng.random() < 0.5:
+            patch, m = patch[:, ::-1], m[:, ::-1]
+        h, w = m.shape
+        if w >= size or h >= size:
+            continue
+        x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
+        if any(x < px + pm.shape[1] + 8 and px < x + w + 8 and y < py + pm.shape[0] + 8 and py < y + h + 8
+               for _, px, py, _, pm in placed):
+            continue
+        placed.append((int(cat), x, y, patch, np.ascontiguousarray(m)))
+    return placed
+
+
+def _annotation(ann_id: int, image_id: int, cat: int, x: int, y: int, m, size: int) -> dict:
+    """The COCO ground-truth annotation of mask ``m`` pasted at (``x``, ``y``), RLE over the canvas."""
+    import numpy as np
+
+    from maskseg.detections import BoxMask
+
+    ys, xs = np.nonzero(m)
+    return {"id": ann_id, "image_id": image_id, "category_id": cat, "iscrowd": 0, "area": int(m.sum()),
+            "segmentation": BoxMask(x, y, m, (size, size)).rle(),
+            "bbox": [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)]}
+
+
 def make_scenes(folder: Path, n: int, size: int, objects: int, scale: float, seed: int = 0) -> Path:
     """``n`` JPEG canvases of ``size`` x ``size`` with ``objects`` pasted objects each; returns gt.json."""
     import cv2
     import numpy as np
 
-    from maskseg.detections import BoxMask
 
     folder.mkdir(parents=True, exist_ok=True)
     gt_path = folder / "gt.json"
@@ -94,29 +127,10 @@ def make_scenes(folder: Path, n: int, size: int, objects: int, scale: float, see
         for row in range(0, size, 1024):  # row bands, so a 20000 x 20000 canvas never needs a float copy
             r = ramp[row : row + 1024, None, None] + ramp[None, :, None] * 0.5
             canvas[row : row + 1024] = np.clip(base + r, 0, 255).astype(np.uint8)
-        taken: list[tuple[int, int, int, int]] = []
-        placed = tries = 0
-        while placed < objects and tries < objects * 50:
-            tries += 1
-            cat, patch, m = cut[int(rng.integers(len(cut)))]
-            if rng.random() < 0.5:
-                patch, m = patch[:, ::-1], m[:, ::-1]
-            h, w = m.shape
-            if w >= size or h >= size:
-                continue
-            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-            if any(x < bx1 + 8 and bx0 < x + w + 8 and y < by1 + 8 and by0 < y + h + 8 for bx0, by0, bx1, by1 in taken):
-                continue
-            taken.append((x, y, x + w, y + h))
-            region = canvas[y : y + h, x : x + w]
+        for cat, x, y, patch, m in place_objects(rng, cut, size, objects):
+            region = canvas[y : y + m.shape[0], x : x + m.shape[1]]
             region[m] = patch[m]
-            bm = BoxMask(x, y, np.ascontiguousarray(m), (size, size))
-            ys, xs = np.nonzero(m)
-            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": int(cat), "iscrowd": 0,
-                         "area": int(m.sum()), "segmentation": bm.rle(),
-                         "bbox": [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1),
-                                  int(ys.max() - ys.min() + 1)]})
-            placed += 1
+            anns.append(_annotation(len(anns) + 1, k + 1, cat, x, y, m, size))
         name = f"scene{k:02d}.jpg"
         cv2.imwrite(str(folder / name), canvas, [cv2.IMWRITE_JPEG_QUALITY, 92])
         del canvas
@@ -134,7 +148,6 @@ def make_tiff_scenes(folder: Path, n: int, size: int, objects: int, scale: float
     import numpy as np
     import tifffile
 
-    from maskseg.detections import BoxMask
 
     folder.mkdir(parents=True, exist_ok=True)
     gt_path = folder / "gt.json"
@@ -146,27 +159,10 @@ def make_tiff_scenes(folder: Path, n: int, size: int, objects: int, scale: float
     ramp = np.linspace(-12, 12, size, dtype=np.float32)
     images, anns = [], []
     for k in range(n):
-        placed: list[tuple[int, int, object, object]] = []  # x, y, RGB patch, mask
-        tries = 0
-        while len(placed) < objects and tries < objects * 50:
-            tries += 1
-            cat, patch, m = cut[int(rng.integers(len(cut)))]
-            if rng.random() < 0.5:
-                patch, m = patch[:, ::-1], m[:, ::-1]
-            h, w = m.shape
-            if w >= size or h >= size:
-                continue
-            x, y = int(rng.integers(0, size - w)), int(rng.integers(0, size - h))
-            if any(x < px + pm.shape[1] + 8 and px < x + w + 8 and y < py + pm.shape[0] + 8 and py < y + h + 8
-                   for px, py, _, pm in placed):
-                continue
-            placed.append((x, y, np.ascontiguousarray(patch[:, :, ::-1]), np.ascontiguousarray(m)))
-            ys, xs = np.nonzero(m)
-            anns.append({"id": len(anns) + 1, "image_id": k + 1, "category_id": int(cat), "iscrowd": 0,
-                         "area": int(m.sum()), "segmentation": BoxMask(x, y, np.ascontiguousarray(m),
-                                                                       (size, size)).rle(),
-                         "bbox": [x + int(xs.min()), y + int(ys.min()), int(xs.max() - xs.min() + 1),
-                                  int(ys.max() - ys.min() + 1)]})
+        placed = []  # x, y, RGB patch, mask
+        for cat, x, y, patch, m in place_objects(rng, cut, size, objects):
+            placed.append((x, y, np.ascontiguousarray(patch[:, :, ::-1]), m))
+            anns.append(_annotation(len(anns) + 1, k + 1, cat, x, y, m, size))
         by_block: dict[tuple[int, int], list[int]] = {}
         for i, (x, y, _, m) in enumerate(placed):
             for by in range(y // block, (y + m.shape[0] - 1) // block + 1):
@@ -269,7 +265,9 @@ def _methods(args: argparse.Namespace, work: Path) -> list[tuple[str, object]]:
         methods.append(maskseg(tile, f"maskseg --tile {args.tile}, TIFF read by region", max_pixels=False))
         methods.append(maskseg([*tile, "--no-tiff-regions"], f"maskseg --tile {args.tile}, TIFF decoded whole"))
     else:
-        methods.append(maskseg(tile, f"maskseg --tile {args.tile}"))
+        # fp32 (what SAHI runs) and auto (bf16 where the CPU has it): the comparison both ways
+        methods.append(maskseg([*tile, "--precision", "fp32"], f"maskseg --tile {args.tile}"))
+        methods.append(maskseg([*tile, "--precision", "auto"], f"maskseg --tile {args.tile} --precision auto"))
     if not args.no_sahi:
         methods.append((sahi_name, sahi))
     return methods
@@ -285,14 +283,18 @@ def _results_of(work: Path, name: str, tag: str) -> Path:
     return work / f"{_slug(name)}-{tag}" / "results.json"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+def cpu_line() -> tuple[str, str]:
+    """('<model> (flags: ...)', what ``--precision auto`` runs here and why) for the header."""
+    from maskseg.precision import cpu_bf16_flags, cpu_summary, resolve_precision
+
+    auto = resolve_precision("auto", backend="torch", device_type="cpu")
+    bf16 = cpu_bf16_flags()
+    return (f"CPU: {cpu_summary()}, {os.cpu_count()} cores; bf16 in hardware: "
+            f"{'yes (' + '/'.join(bf16) + ')' if bf16 else 'NO'}"), f"--precision auto runs {auto.name} ({auto.reason})"
+
+
+# Issue 17's target for maskseg --tile against SAHI: AP at least SAHI's, at most half its peak RSS, 1.5x its speed.
+TARGET_RSS, TARGET_SPEED = 0.5, 1.5
 
 
 def main() -> None:
@@ -323,8 +325,11 @@ def main() -> None:
     t0 = time.perf_counter()
     gt = make(scenes, args.scenes, args.size, args.objects, args.object_scale)
     n_gt = len(json.loads(gt.read_text())["annotations"])
+    cpu, auto = cpu_line()
     print(f"# {args.scenes} scene(s) of {args.size}x{args.size}, {n_gt} objects (fruits_nuts x{args.object_scale}), "
-          f"generated in {time.perf_counter() - t0:.0f} s; CPU: {cpu_model()}, {os.cpu_count()} cores", flush=True)
+          f"generated in {time.perf_counter() - t0:.0f} s\n# {cpu}\n# {auto}", flush=True)
+    if not auto.startswith("--precision auto runs bf16"):
+        print("# (so the --precision auto row runs what the fp32 row runs: it equals it but for timing noise)")
     tiny = make(work / f"startup_{kind}", 1, 512, 1, args.object_scale)  # one 512 px image: startup cost
     rows = []
     for name, make_cmd in _methods(args, work):
@@ -349,9 +354,17 @@ def main() -> None:
         print(f"TIFF read by region vs decoded whole: peak RSS {tiled[5]:.0f} vs {whole_tiff[5]:.0f} MiB "
               f"({tiled[5] / whole_tiff[5]:.2f}x), s/image {tiled[3]:.1f} vs {whole_tiff[3]:.1f}")
     sahi = next((r for r in rows if r[0].startswith("SAHI")), None)
-    if tiled and sahi:
-        print(f"maskseg --tile vs SAHI: segm AP {tiled[1]:.3f} vs {sahi[1]:.3f}, speed {sahi[3] / tiled[3]:.2f}x "
-              f"({sahi[4] / max(tiled[4], 1e-9):.2f}x after startup), peak RSS {tiled[5] / sahi[5]:.2f}x")
+    for row in rows if sahi else []:
+        if not row[0].startswith("maskseg --tile"):
+            continue
+        name, segm, _, spi, net, rss = row
+        speed, speed_net, mem = sahi[3] / spi, sahi[4] / max(net, 1e-9), rss / sahi[5]
+        met = [f"AP {'met' if segm >= sahi[1] else 'MISSED'}",
+               f"speed {'met' if speed >= TARGET_SPEED else 'MISSED'}",
+               f"RSS {'met' if mem <= TARGET_RSS else 'MISSED'}"]
+        print(f"{name} vs SAHI: segm AP {segm:.3f} vs {sahi[1]:.3f}; speed {speed:.2f}x ({speed_net:.2f}x after "
+              f"startup; target >= {TARGET_SPEED}x); peak RSS {mem:.2f}x ({rss:.0f} vs {sahi[5]:.0f} MiB; target "
+              f"<= {TARGET_RSS}x); {', '.join(met)}")
     print(f"(outputs in {work})")
 
 

@@ -21,7 +21,7 @@ from .batching import Failure
 from .config import PredictConfig
 from .decode import DecodedImage
 from .detections import Detections
-from .engine import make_engine
+from .engine import BatchResult, make_engine
 from .journal import Journal, OutputLock, output_error
 from .outdir import categories_of, check_settings, checkpoint, clear_outputs, prepare_out_dir, record_run
 from .shard import shard_scan
@@ -174,11 +174,9 @@ class _Run:
         results = engine.run(todo, done=lambda r: journal.is_done(r, config.writers)) if todo else iter(())
         try:
             for step in results:
-                for f in step.failures:
-                    self.record_decode_failure(f)
-                for decoded, dets in zip(step.images, step.detections, strict=True):
-                    if self.finish_image(decoded, dets):
-                        self.progress.advance(1, len(dets))
+                self.finish_step(step)
+                # The next batch is decoded while this loop waits for it: the finished one goes first.
+                del step
                 journal.flush()
                 context.changed = context.changed or journal.appended > 0
                 if self.stopped():
@@ -195,6 +193,14 @@ class _Run:
         context.changed = context.changed or journal.appended > 0
         checkpoint(self.writers, journal, self.out, context, final=True)
         summary.failed_total = journal.counts[1]
+
+    def finish_step(self, step: BatchResult) -> None:
+        """Journal one batch's failures and hand each of its images to the writers."""
+        for f in step.failures:
+            self.record_decode_failure(f)
+        for decoded, dets in zip(step.images, step.detections, strict=True):
+            if self.finish_image(decoded, dets):
+                self.progress.advance(1, len(dets))
 
     def stopped(self) -> bool:
         """Whether ``stop`` is set; marks the summary interrupted when it is."""

@@ -110,3 +110,42 @@ def test_masks_are_pasted_beside_the_writers_not_in_the_model_thread(tmp_path, w
     assert engine.segmenter.infer_threads and all(n.startswith(model_thread) for n in engine.segmenter.infer_threads)
     assert len(engine.segmenter.finish_threads) == len(widths)
     assert all(n == caller for n in engine.segmenter.finish_threads)
+
+
+def test_prefetch_depth_is_one_in_a_tiled_run():
+    from maskseg.config import TileConfig
+    from maskseg.engine.local import prefetch_depth
+
+    assert prefetch_depth(PredictConfig(prefetch=4)) == 4
+    assert prefetch_depth(PredictConfig(prefetch=4, tile=TileConfig(size=1024))) == 1
+    assert prefetch_depth(PredictConfig(prefetch=0, tile=TileConfig(size=1024))) == 0
+
+
+@pytest.mark.parametrize("workers", [2, 0])
+def test_a_tiled_run_decodes_at_most_one_image_ahead_of_the_model(tmp_path, monkeypatch, workers):
+    """Each image of a tiled run may be huge: the one in the model plus the next, never a queue of them."""
+    import maskseg.engine.local as local
+    from maskseg.config import TileConfig
+
+    refs = _photos(tmp_path / "in", [5, 7, 9, 11, 13, 15])
+    decoded: list[str] = []
+    real = local.decode_for_tiling
+
+    def counting(ref, **kw):
+        decoded.append(ref.rel_path)
+        return real(ref, **kw)
+
+    monkeypatch.setattr(local, "decode_for_tiling", counting)
+    ahead: list[int] = []
+
+    def segment(images):
+        ahead.append(len(decoded) - seen[0] - len(images))
+        seen[0] += len(images)
+        return [int(rgb.shape[1]) for rgb in images]
+
+    seen = [0]
+    engine = LocalEngine(PredictConfig(decode_workers=workers, batch_size=1, tile=TileConfig(size=1024)))
+    engine.segmenter = segment
+    steps = list(engine.run(refs))
+    assert [d for s in steps for d in s.detections] == [5, 7, 9, 11, 13, 15]
+    assert max(ahead) <= (1 if workers else 0), ahead
