@@ -11,6 +11,7 @@ the process, and its space is freed when it is closed.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import itertools
 import os
@@ -224,29 +225,24 @@ class ScanStore:
         shared memory then) and detached before this returns: nobody else may have it open meanwhile.
         """
         db = self._db
-        self._selections += 1
-        name = f"sel_{self._selections}"
-        db.execute(f"CREATE TABLE {name} (i INTEGER PRIMARY KEY, pos INTEGER NOT NULL)")
+        name = self._new_selection()
         db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        db.execute("ATTACH DATABASE ? AS other", (path,))
         try:
-            db.execute("ATTACH DATABASE ? AS other", (path,))
-            try:
-                self._bulk(f"INSERT INTO {name} (pos) SELECT r.pos FROM {self._from(selection)} LEFT JOIN {join} "
-                           f"WHERE {where} ORDER BY {self._order(selection)}", [tuple(params)])
-            finally:
-                if not self._closed():
-                    db.execute("DETACH DATABASE other")
+            self._bulk(f"INSERT INTO {name} (pos) SELECT r.pos FROM {self._from(selection)} LEFT JOIN {join} "
+                       f"WHERE {where} ORDER BY {self._order(selection)}", [tuple(params)])
         finally:
-            if not self._closed():
+            with contextlib.suppress(sqlite3.ProgrammingError):  # closed by _bulk on an error: nothing to undo
+                db.execute("DETACH DATABASE other")
                 db.execute("PRAGMA locking_mode = NORMAL")
         return name, db.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
 
-    def _closed(self) -> bool:
-        try:
-            self._db.total_changes  # noqa: B018 - raises once the connection is closed
-        except sqlite3.ProgrammingError:
-            return True
-        return False
+    def _new_selection(self) -> str:
+        """The name of a new, empty selection table."""
+        self._selections += 1
+        name = f"sel_{self._selections}"
+        self._db.execute(f"CREATE TABLE {name} (i INTEGER PRIMARY KEY, pos INTEGER NOT NULL)")
+        return name
 
     def positions(self, selection: str | None = None) -> Iterator[int]:
         """The positions of ``rows``, alone."""
@@ -255,9 +251,7 @@ class ScanStore:
 
     def select(self, positions: Iterable[int]) -> tuple[str, int]:
         """A new selection of the images at ``positions`` (increasing): its name and size."""
-        self._selections += 1
-        name = f"sel_{self._selections}"
-        self._db.execute(f"CREATE TABLE {name} (i INTEGER PRIMARY KEY, pos INTEGER NOT NULL)")
+        name = self._new_selection()
         self._bulk(f"INSERT INTO {name} (pos) VALUES (?)", ((p,) for p in positions))
         return name, self._db.execute(f"SELECT COUNT(*) FROM {name}").fetchone()[0]
 

@@ -282,19 +282,18 @@ def _stem(rel: str) -> str:
     return str(PurePosixPath(rel).with_suffix(""))
 
 
-def _file_row(path: str, st: os.stat_result) -> FoundRow:
-    return FoundRow(path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, None, None, _suffix_bytes(path))
+def _file_row(path: str, st: os.stat_result) -> _Row:
+    """The row of a regular file (a plain tuple: millions of them go by)."""
+    return path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, None, None, _suffix_bytes(path)
 
 
 def _suffix_bytes(path: str) -> int:
     """The UTF-8 length of what ``_stem`` strips from a normalised path's name: pathlib's suffix (the last
     dot and after, unless the dot starts or ends the name), so the store can cut stems without Python."""
-    name = path[path.rfind("/") + 1:]
-    dot = name.rfind(".")
-    if not 0 < dot < len(name) - 1:
+    dot = path.rfind(".")
+    if not path.rfind("/") + 1 < dot < len(path) - 1:
         return 0
-    suffix = name[dot:]
-    return len(suffix) if suffix.isascii() else len(suffix.encode("utf-8", "surrogatepass"))
+    return len(path) - dot if path.isascii() else len(path[dot:].encode("utf-8", "surrogatepass"))
 
 
 def _image_ref(stored: StoredRef) -> ImageRef:
@@ -373,7 +372,6 @@ def _walk(
     """Depth-first walk following symlinks to folders, but each real folder once (no cycles)."""
     seen: set[tuple[int, int]] = set()
     stack = [top]
-    stat_of, is_regular = os.stat, stat.S_ISREG
     while stack:
         folder = stack.pop()
         try:
@@ -412,7 +410,7 @@ def _walk(
             if images_only and (dot <= 0 or name[dot:].lower() not in _MEDIA_EXTENSIONS):
                 continue
             try:
-                est = stat_of(full)
+                est = os.stat(full)
             except FileNotFoundError:
                 problem = "dangling symlink" if entry.is_symlink() else "vanished while scanning"
                 yield _problem(full, root, problem)
@@ -420,13 +418,7 @@ def _walk(
             except OSError as exc:
                 yield _problem(full, root, f"cannot stat: {exc.strerror}")
                 continue
-            if is_regular(est.st_mode):  # as _check_file, without a call: millions of files go by
-                suffix = len(name) - dot if 0 < dot < len(name) - 1 else 0
-                if suffix and not name.isascii():
-                    suffix = _suffix_bytes(name)
-                yield root, (full, est.st_size, est.st_mtime_ns, est.st_dev, est.st_ino, None, None, suffix)
-            else:
-                yield _check_file(full, root, est)
+            yield _check_file(full, root, est)
         stack.extend(reversed(subfolders))
 
 
@@ -549,7 +541,6 @@ def _from_list_file(list_path: str, recursive: bool, exclude: _Excluded | None, 
 
 def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: _Excluded | None) -> Iterator[_Found]:
     base = base.rstrip(os.sep) + os.sep
-    posix, lstat, is_regular = os.sep == "/", os.lstat, stat.S_ISREG
     for raw in lines:
         entry = raw.strip()
         if not entry or entry[0] == "#":
@@ -560,24 +551,17 @@ def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: _Exclu
             except SourceError as exc:
                 yield _problem(entry, entry.rsplit("/", 1)[0], _listed_reason(exc, entry))
             continue
-        path = entry if entry[0] == os.sep else base + entry
-        if not posix or "//" in path or "/." in path or path[-1] == "/":
-            path = os.path.abspath(path)
+        path = _abspath(entry if entry[0] == os.sep else base + entry)
         # Most entries are files: one lstat and a row, the folder's answer for the output folder kept for
         # the files after it.
         try:
-            st = lstat(path)
+            st = os.lstat(path)
         except OSError:
             st = None
-        if posix and st is not None and is_regular(st.st_mode):
-            cut = path.rfind("/")
-            folder = path[:cut] or "/"
+        if st is not None and stat.S_ISREG(st.st_mode):
+            folder = os.path.dirname(path)
             if exclude is None or not exclude.holds_folder(folder):
-                dot = path.rfind(".")
-                suffix = len(path) - dot if cut + 1 < dot < len(path) - 1 else 0
-                if suffix and not path.isascii():
-                    suffix = _suffix_bytes(path)
-                yield folder, (path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, None, None, suffix)
+                yield folder, _file_row(path, st)
                 continue
         try:  # everything else (a link, a folder, a glob, nothing) as an argument is taken
             yield from _from_local(path, path, recursive, exclude, explicit=False)
