@@ -152,9 +152,9 @@ class ListLimits:
 
 
 # What the walk yields for each input: (root, row). ``root`` is the folder (or URL prefix) the path is
-# reported relative to; ``row`` is a ``FoundRow`` or, on the paths millions of files take, a plain tuple of
-# its fields (a tenth of the cost to make).
-_Row = tuple[str, int | None, int | None, int | None, int | None, str | None, str | None, int | None]
+# reported relative to; ``row`` is a ``FoundRow`` or, for a regular file (millions of them go by), the plain
+# tuple ``ScanStore.add`` takes: (path, size, mtime_ns, dev, ino, suffix_bytes), a tenth of the cost to make.
+_Row = FoundRow | tuple[str, int, int, int, int, int]
 _Found = tuple[str, _Row]
 
 
@@ -174,6 +174,8 @@ class _Excluded:
         self._real = os.path.realpath(folder)
         self._prefix = self._real.rstrip(os.sep) + os.sep
         self._folders: dict[str, bool] = {}
+        self._last_folder: str | None = None
+        self._last_inside = False
 
     def holds(self, path: str) -> bool:
         """Whether ``path`` (any kind, links resolved) is the output folder or inside it."""
@@ -188,11 +190,14 @@ class _Excluded:
 
     def holds_folder(self, folder: str) -> bool:
         """``holds`` for a folder, remembered for the files after it."""
+        if folder == self._last_folder:
+            return self._last_inside
         inside = self._folders.get(folder)
         if inside is None:
             if len(self._folders) >= self._FOLDERS_KEPT:
                 self._folders.clear()
             inside = self._folders[folder] = self.holds(folder)
+        self._last_folder, self._last_inside = folder, inside
         return inside
 
 
@@ -283,8 +288,8 @@ def _stem(rel: str) -> str:
 
 
 def _file_row(path: str, st: os.stat_result) -> _Row:
-    """The row of a regular file (a plain tuple: millions of them go by)."""
-    return path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, None, None, _suffix_bytes(path)
+    """The row of a regular file."""
+    return path, st.st_size, st.st_mtime_ns, st.st_dev, st.st_ino, _suffix_bytes(path)
 
 
 def _suffix_bytes(path: str) -> int:
@@ -541,6 +546,7 @@ def _from_list_file(list_path: str, recursive: bool, exclude: _Excluded | None, 
 
 def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: _Excluded | None) -> Iterator[_Found]:
     base = base.rstrip(os.sep) + os.sep
+    posix = os.sep == "/"  # a normalised absolute path's folder is then what is before its last "/"
     for raw in lines:
         entry = raw.strip()
         if not entry or entry[0] == "#":
@@ -559,7 +565,7 @@ def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: _Exclu
         except OSError:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode):
-            folder = os.path.dirname(path)
+            folder = path[:path.rfind("/")] or "/" if posix else os.path.dirname(path)
             if exclude is None or not exclude.holds_folder(folder):
                 yield folder, _file_row(path, st)
                 continue

@@ -44,6 +44,24 @@ def test_order_is_pythons_for_every_name(tmp_path):
     assert [s.rel_path for _, s in store.rows()] == sorted(names)
 
 
+@pytest.mark.parametrize("chunk_rows", [2, 10_000])
+def test_file_tuples_store_as_found_rows(tmp_path, monkeypatch, chunk_rows):
+    """Regular files' six-field tuples (sqlite encodes their paths) give what the same files as
+    ``FoundRow``s give, in chunks of files only, of files with a non-UTF-8 name, and mixed with problems."""
+    monkeypatch.setattr("maskseg.scanstore._ROWS_PER_TX", chunk_rows)
+    names = ["b.jpg", "\udce9.jpg", "\u00e9.jpg", "a.jpg", "\U0001f600.jpg", "c.jpg", "a.jpg", "d.jpg"]
+    rows = [(f"/r/{n}", 10 + i, 20 + i, 1, 100 + i, 4) for i, n in enumerate(names)]
+    problem = FoundRow("/r/\udcff.png", None, None, None, None, None, "FIFO \udcff")
+    plain, tuples = ScanStore(str(tmp_path)), ScanStore(str(tmp_path))
+    plain.add([FoundRow(p, size, mtime, dev, ino, None, None, cut) for p, size, mtime, dev, ino, cut in rows]
+              + [problem])
+    tuples.add([*rows[:3], problem, *rows[3:]])
+    assert _finish(plain) == _finish(tuples) == [("/r/\udcff.png", "\udcff.png", "FIFO \udcff")]
+    assert list(plain.rows()) == list(tuples.rows())
+    assert [(s.rel_path, s.size) for _, s in tuples.rows()][:2] == [("a.jpg", 13), ("b.jpg", 10)]
+    assert tuples.count == 7
+
+
 def test_shared_stems_and_paths_stored_apart(tmp_path):
     store = ScanStore(str(tmp_path))
     rows = ["/r/a.jpg", "/r/a.png", "/r/a.b.jpg", "/r/a.k.jpg", "/r/a/x.jpg", "/r/a.jpg.d/x.png", "/r/b.jpg"]
