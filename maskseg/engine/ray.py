@@ -4,7 +4,8 @@ The pipeline is ``from_arrow(idx, path) -> map_batches(decode_rows)`` (stateless
 worker dies) ``-> map_batches(ModelWorker)`` (an actor pool: the model is loaded once per actor, on its
 GPU when it has one; an actor that dies is restarted and its batch retried). The driver iterates the
 results in input order and hands them to ``api.predict``, which feeds the same journal and writers as
-the local engine, so resume, the lock, failures and exit codes are unchanged.
+the local engine, so resume, the lock, failures and exit codes are unchanged. A long run goes through
+that pipeline in windows of ``IMAGES_PER_WINDOW`` images, so the driver never holds every path at once.
 
 Images are read by the workers from their paths: on a cluster, the inputs (and ``--weights``) must be
 on storage every node sees at the same path, and maskseg must be installed on every node. Objects in
@@ -13,6 +14,7 @@ object storage (``s3://...``) are read by the workers from their URLs, never thr
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -43,6 +45,11 @@ DECODE_CPUS = 0.5
 LOCAL_OBJECT_STORE_BYTES = 512 * 1024**2
 # At most this many images per input block (fewer for short runs, so they still spread out).
 MAX_ROWS_PER_BLOCK = 16
+# Images per Ray Data run. A run's input blocks (the paths, as Arrow) are built before it starts, so a
+# long run goes in windows of this many, one after the other, and the driver holds one window's paths,
+# not all of them; each window starts its actors (and loads their models) again: seconds, against the
+# hours of work in a window.
+IMAGES_PER_WINDOW = 50_000
 # The last line of a traceback that a maskseg error ended (Ray passes an actor's start-up error as text).
 _ERROR_LINE = re.compile(r"^maskseg\.errors\.(\w+): (.*)$", re.MULTILINE)
 # Built-in writers that never read pixels: without others, the driver gets sizes back, not pixels.
@@ -160,9 +167,11 @@ class RayEngine:
     ``actor_cls`` is the model actor class (a ``ModelWorker`` subclass; tests inject faults with it).
     """
 
-    def __init__(self, config: PredictConfig, *, actor_cls: type = ModelWorker) -> None:
+    def __init__(self, config: PredictConfig, *, actor_cls: type = ModelWorker,
+                 images_per_window: int = IMAGES_PER_WINDOW) -> None:
         self.config = config
         self.actor_cls = actor_cls
+        self.images_per_window = images_per_window
         self.worker_model = _worker_model(config)
         self._ray: Any = None
         self._started_ray = False
@@ -179,22 +188,26 @@ class RayEngine:
         return ModelInfo(probe.backend.name, list(probe.backend.categories))
 
     def run(self, refs: Sequence[ImageRef], done: Any = None) -> Iterator[BatchResult]:  # done: videos, local only
+        """Results in the order of ``refs``, a window of ``images_per_window`` refs after another."""
         if not refs:
             return
         self._connect()
-        ds = self._dataset(refs)
-        seen: set[int] = set()
-        try:
-            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-                yield self._result(batch, refs, seen)
-        except self._ray.exceptions.RayError as exc:
-            user_error = _masksegerror_in(exc)
-            if user_error is not None:
-                raise user_error from None
-            raise
-        if len(seen) < len(refs):
-            log.warning("%d of %d images did not come back from Ray; rerun to process them",
-                        len(refs) - len(seen), len(refs))
+        lost = 0
+        remaining = iter(refs)
+        while window := list(itertools.islice(remaining, self.images_per_window)):
+            ds = self._dataset(window)
+            seen: set[int] = set()
+            try:
+                for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                    yield self._result(batch, window, seen)
+            except self._ray.exceptions.RayError as exc:
+                user_error = _masksegerror_in(exc)
+                if user_error is not None:
+                    raise user_error from None
+                raise
+            lost += len(window) - len(seen)
+        if lost:
+            log.warning("%d of %d images did not come back from Ray; rerun to process them", lost, len(refs))
 
     def close(self) -> None:
         if self._started_ray:

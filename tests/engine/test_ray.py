@@ -127,8 +127,22 @@ def test_ray_run_killed_mid_way_resumes_to_the_local_engines_outputs(photos, tin
     assert got == expected
 
 
+class WindowsCounted(RayEngine):
+    """The engine, noting the size of each window of refs it runs."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.windows: list[int] = []
+
+    def _dataset(self, refs):
+        self.windows.append(len(refs))
+        return super()._dataset(refs)
+
+
 @pytest.mark.slow
 def test_worker_killed_mid_run_loses_no_image(photos, tiny_checkpoint, tmp_path, ray_address):
+    """In windows of 5 refs (as a long run goes in windows of 50,000): the local engine's detections, in
+    the order of the refs, across windows and a worker that dies in the first one."""
     marker = tmp_path / "a-worker-died"
 
     class DiesOnItsThirdImage(ModelWorker):
@@ -147,7 +161,7 @@ def test_worker_killed_mid_run_loses_no_image(photos, tiny_checkpoint, tmp_path,
 
     config = _config(tiny_checkpoint, workers=2)
     refs = scan_sources([str(photos)]).refs
-    engine = RayEngine(config, actor_cls=DiesOnItsThirdImage)
+    engine = WindowsCounted(config, actor_cls=DiesOnItsThirdImage, images_per_window=5)
     info = engine.start()
     try:
         results = list(engine.run(refs))
@@ -157,6 +171,7 @@ def test_worker_killed_mid_run_loses_no_image(photos, tiny_checkpoint, tmp_path,
 
     assert ray.is_initialized()  # close() leaves a Ray it did not start running
     assert marker.exists()
+    assert len(refs) == 14 and engine.windows == [5, 5, 4]
     assert [c.name for c in info.categories] == ["date", "fig", "hazelnut"]
     images = [d for r in results for d in r.images]
     failures = {f.ref.rel_path: f.reason for r in results for f in r.failures}
