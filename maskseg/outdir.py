@@ -36,6 +36,8 @@ def refuse_object_store_out(out: str) -> None:
     from .objects import looks_like_url
 
     if looks_like_url(out):
+        scheme, _, rest = out.partition(":")
+        out = f"{scheme}://{rest.lstrip('/')}"  # as typed: pathlib made s3://b/x into s3:/b/x
         raise UsageError(f"{out}: OUT must be a folder on a POSIX file system, not object storage (resume needs "
                          "an atomic rename, an appended journal and a lock, which object stores lack); write OUT "
                          "locally and upload it when the run has finished (e.g. aws s3 sync OUT s3://...)")

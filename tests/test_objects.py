@@ -138,7 +138,7 @@ def test_object_rewritten_during_the_run_is_retried_next_run(server, bucket, tmp
 def test_out_on_object_storage_is_refused(server, tmp_path, tiny_checkpoint):
     r = run(_env(server), "predict", SAMPLES / "coins.png", "-o", "s3://bucket/out", "--weights", tiny_checkpoint)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "OUT must be a folder on a POSIX file system, not object storage" in r.stderr
+    assert "s3://bucket/out: OUT must be a folder on a POSIX file system, not object storage" in r.stderr
     assert not Path("s3:").exists()
 
 
