@@ -8,8 +8,9 @@ segmenter, backend and batch size as a whole image would. Detections are merged 
 1. parts of one object cut by a tile edge are *joined* when their masks agree inside the band the two
    tiles share (mask union over the union box);
 2. duplicates are grouped greedily by score (as SAHI's GREEDYNMM): a kept detection takes the lower-scored
-   ones of its label whose mask overlaps its own by IoU, or, for a cut fragment (a detection touching
-   an inner tile edge, so contained in the whole object), by intersection over the smaller mask. A
+   ones of its label whose mask overlaps the group's (its own, grown by fragments) by IoU, or, for a cut
+   fragment (a detection touching an inner tile edge, so contained in the whole object), by
+   intersection over the smaller mask. A
    group's mask is its best whole view (the kept detection, or, when that is a fragment, the best
    uncut member containing it) united with its fragments; other whole views it took are dropped, as NMS
    drops them, not united: a low-scored detection spanning two neighbours would otherwise weld them.
