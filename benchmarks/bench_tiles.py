@@ -210,6 +210,8 @@ def run_measured(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProc
 
 
 def evaluate(gt: Path, results: Path, out_json: Path, max_dets: int) -> dict[str, float]:
+    if json.loads(results.read_text()) == []:  # no detections at all (maskseg eval refuses an empty list): AP 0
+        return {"segm": 0.0, "bbox": 0.0}
     r = subprocess.run([sys.executable, "-m", "maskseg", "eval", "--coco", str(gt), "--results", str(results),
                         "--json", str(out_json), "--max-dets", str(max_dets)], capture_output=True, text=True)
     if r.returncode not in (0,):
