@@ -101,3 +101,19 @@ def test_loading_the_torch_backend_imports_no_dynamo_and_dynamo_still_works(tiny
                        timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.split("\n")[:2] == ["[]", "True True"]
+
+
+def test_the_loaded_model_keeps_no_tensor_of_its_checkpoint():
+    # a compact (int8) checkpoint's tensors kept as metadata would keep the weights file mapped and resident
+    loaded = load_model(ModelConfig(name="demo", device="cpu"))
+    meta = loaded.extra["checkpoint"]
+    assert meta["categories"] and "int8" not in meta and "state_dict" not in meta
+
+    def tensors(x):
+        if isinstance(x, dict):
+            return sum(tensors(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(tensors(v) for v in x)
+        return int(isinstance(x, torch.Tensor))
+
+    assert tensors(meta) == 0
