@@ -7,8 +7,9 @@ process (peak RSS from ``wait4``, wall time of the whole process including model
 
 - ``maskseg predict`` without tiling (the model resizes each whole canvas to its max size),
 - ``maskseg predict --tile T`` (``--tile-overlap 0.2``),
-- SAHI ``get_sliced_prediction`` with slices of T, overlap 0.2, GREEDYNMM / IOS 0.5 (its defaults),
-  on the same torchvision module with the same weights (the bundled demo model) and score threshold,
+- SAHI ``get_sliced_prediction`` with slices of T, overlap 0.2 and its default merge settings (GREEDYNMM /
+  IOS 0.5, which it switches itself to NMS / box IoU 0.5 at a score threshold under 0.1, as here), on
+  the same torchvision module with the same weights (the bundled demo model) and score threshold,
 
 and ``maskseg eval`` gives each one's COCO segm and bbox AP against the ground truth. Usage:
 
@@ -209,6 +210,8 @@ def run_measured(cmd: list[str]) -> tuple[float, float, subprocess.CompletedProc
 
 
 def evaluate(gt: Path, results: Path, out_json: Path, max_dets: int) -> dict[str, float]:
+    if json.loads(results.read_text()) == []:  # no detections at all (maskseg eval refuses an empty list): AP 0
+        return {"segm": 0.0, "bbox": 0.0}
     r = subprocess.run([sys.executable, "-m", "maskseg", "eval", "--coco", str(gt), "--results", str(results),
                         "--json", str(out_json), "--max-dets", str(max_dets)], capture_output=True, text=True)
     if r.returncode not in (0,):

@@ -77,8 +77,9 @@ class TileConfig:
     ``AUTO_TILE_SIZE`` for images whose long side passes ``AUTO_TILE_TRIGGER``). ``overlap``: fraction of a
     tile shared with its neighbour. ``full``: also run the whole image downscaled to ``TILE_FULL_SIDE``.
     Merging: parts of one object cut by a tile edge are joined when their masks agree inside the shared
-    band (IoU >= ``join_iou``); duplicates merge when intersection over the smaller (``match_ios``) or
-    IoU (``match_iou``) reaches its threshold.
+    band (IoU >= ``join_iou``); duplicates are grouped when their masks' IoU reaches ``match_iou``, or,
+    for a fragment cut by a tile edge, intersection over the smaller reaches ``match_ios`` (see
+    ``maskseg.tiling``: a group keeps its best whole view and unites its fragments).
     """
 
     size: int | None = None

@@ -257,12 +257,94 @@ def default_weights_file(spec: ModelSpec) -> tuple[dict, str]:
     return state, str(cache)
 
 
+def import_torchvision() -> Any:
+    """``import torchvision`` (with its detection models and ops) without importing ``torch._dynamo``.
+
+    torchvision's ``ops.roi_align`` imports ``torch._dynamo.utils`` at module level for one function,
+    ``is_compile_supported``, called only where torchvision's compiled ops are missing (or under
+    deterministic CUDA). That import pulls in dynamo, inductor, sympy and triton: ~150 MiB of RSS
+    here (torch 510 MiB, torchvision then 677 MiB; 527 MiB without it), for code inference never runs.
+    So, for the length of the import only, ``torch._dynamo.utils`` is a stand-in whose
+    ``is_compile_supported`` imports the real one when called; afterwards the stand-in is gone and
+    ``torch._dynamo`` (``torch.compile``, ``--compile``) imports as usual. Already imported (or a
+    torchvision that wants more from it): the plain import.
+    """
+    import sys
+    import types
+
+    if "torchvision" in sys.modules or "torch._dynamo" in sys.modules:
+        import torchvision
+        import torchvision.models.detection
+
+        return torchvision
+    import torch  # noqa: F401  (the real package first: the stand-ins sit inside it)
+
+    def is_compile_supported(device_type: Any) -> Any:
+        from torch._dynamo.utils import is_compile_supported as real
+
+        return real(device_type)
+
+    package = types.ModuleType("torch._dynamo")
+    package.__path__ = []
+    utils = types.ModuleType("torch._dynamo.utils")
+    utils.is_compile_supported = is_compile_supported  # type: ignore[attr-defined]
+    stand_ins = {"torch._dynamo": package, "torch._dynamo.utils": utils}
+    sys.modules.update(stand_ins)
+    try:
+        import torchvision
+        import torchvision.models.detection
+        import torchvision.ops
+    except ImportError:  # it wanted more than the stand-in has: import it the plain way
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+        _drop(stand_ins)
+        import torchvision
+        import torchvision.models.detection
+
+        return torchvision
+    finally:
+        _drop(stand_ins)
+    return torchvision
+
+
+def _skip_meta_normal_init() -> Any:
+    """A torch function mode in which ``torch.nn.init``'s functions and ``Tensor.normal_`` leave a meta
+    tensor as it is.
+
+    A meta tensor has no values to fill, but torch's meta ``normal_`` (under the ``kaiming_normal_`` and
+    ``normal_`` inits of torchvision's constructors) runs through ``torch._refs``, which imports
+    ``torch._dynamo`` on first use (~150 MiB of RSS; see ``import_torchvision``). Weights are assigned
+    after the build and any tensor left on meta is refused, so skipping the init changes nothing.
+    """
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipMetaNormal(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            init = func is torch.Tensor.normal_ or getattr(func, "__module__", None) == "torch.nn.init"
+            tensor = args[0] if args else (kwargs or {}).get("tensor")  # nn.init passes it by keyword
+            if init and getattr(tensor, "is_meta", False):
+                return tensor
+            return func(*args, **(kwargs or {}))
+
+    return SkipMetaNormal()
+
+
+def _drop(stand_ins: dict[str, Any]) -> None:
+    import sys
+
+    for name, module in stand_ins.items():
+        if sys.modules.get(name) is module:
+            del sys.modules[name]
+
+
 def load_model(config: ModelConfig) -> LoadedModel:
     """Build the network named by ``config`` and load its weights, ready for inference.
 
     A maskseg checkpoint names its own architecture, categories and input size; a plain torchvision
     state dict is loaded into ``config.name``'s architecture with as many classes as it holds.
     """
+    import_torchvision()
     import torch
 
     device = resolve_device(config.device)
@@ -298,7 +380,7 @@ def load_model(config: ModelConfig) -> LoadedModel:
     if max_size:
         build_kwargs["max_size"] = int(max_size)
     # Built on the meta device and filled with assign=True: no random init, no second copy of the weights.
-    with torch.device("meta"):
+    with torch.device("meta"), _skip_meta_normal_init():
         module = spec.build(num_classes, **arch_kwargs, **build_kwargs)
     try:
         module.load_state_dict(state, strict=True, assign=True)
@@ -317,8 +399,13 @@ def load_model(config: ModelConfig) -> LoadedModel:
     module = module.to(device)
     categories = _categories(checkpoint, num_classes)
     log.info("model %s (%d classes) with weights %s on %s", name, num_classes, source, device)
+    # The checkpoint's metadata only: a weight tensor kept here (a compact checkpoint's int8 weights) would
+    # keep the whole file mapped from torch.load(mmap=True), resident (13.5 MiB for the demo model).
     return LoadedModel(name, module, categories, device, source, channels_last, {"checkpoint": {
-        k: v for k, v in checkpoint.items() if k not in ("state_dict", "optimizer", "scheduler")}})
+        k: v for k, v in checkpoint.items() if k not in _WEIGHT_KEYS}})
+
+
+_WEIGHT_KEYS = ("state_dict", "int8", "int8_scales", "optimizer", "scheduler")
 
 
 def _categories(checkpoint: dict, num_classes: int) -> list[Category]:

@@ -7,9 +7,13 @@ segmenter, backend and batch size as a whole image would. Detections are merged 
 
 1. parts of one object cut by a tile edge are *joined* when their masks agree inside the band the two
    tiles share (mask union over the union box);
-2. duplicates (an object whole in one tile, cut in its neighbour; or seen by the full-image pass) are
-   merged greedily by score when intersection over the smaller mask (NMM, as SAHI's GREEDYNMM) or IoU
-   passes its threshold.
+2. duplicates are grouped greedily by score (as SAHI's GREEDYNMM): a kept detection takes the lower-scored
+   ones of its label whose mask overlaps the group's (its own, grown by fragments) by IoU, or, for a cut
+   fragment (a detection touching an inner tile edge, so contained in the whole object), by
+   intersection over the smaller mask. A
+   group's mask is its best whole view (the kept detection, or, when that is a fragment, the best
+   uncut member containing it) united with its fragments; other whole views it took are dropped, as NMS
+   drops them, not united: a low-scored detection spanning two neighbours would otherwise weld them.
 
 No step allocates a full-image mask: each comparison reads the two bitmaps over their shared rectangle,
 and each merged mask covers only its union box. Written here rather than taken from SAHI because SAHI
@@ -183,9 +187,11 @@ def merge_tiles(parts: Sequence[tuple[Tile, Detections]], image_size: tuple[int,
     items = ([m for _, d in shifted for m in d.masks] if has_masks  # type: ignore[union-attr]
              else [_box_as_mask(b, image_size) for b in boxes])
 
+    cut = np.array([_cut_sides(b, tiles[t], image_size) for b, t in zip(boxes, tile_of, strict=True)])
     groups = _join_cut_parts(boxes, labels, tile_of, tiles, items, image_size, config.join_iou)
     boxes, scores, labels, items = _combine(groups, boxes, scores, labels, items, image_size)
-    groups = _greedy_nmm(boxes, scores, labels, items, config.match_ios, config.match_iou)
+    cut = np.array([bool(cut[g].any()) for g in groups])  # a joined object may still be cut at its far ends
+    groups = _greedy_nmm(boxes, scores, labels, items, cut, config.match_ios, config.match_iou)
     boxes, scores, labels, items = _combine(groups, boxes, scores, labels, items, image_size)
     order = np.argsort(-scores, kind="stable")
     return Detections(boxes[order], scores[order], labels[order],
@@ -354,13 +360,16 @@ def _line(m: BoxMask, at: int, start: int, stop: int, *, vertical: bool) -> np.n
 
 
 def _greedy_nmm(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, items: list[BoxMask],
-                match_ios: float, match_iou: float) -> list[list[int]]:
-    """Greedy non-maximum merging: in score order, each kept detection absorbs the lower-scored ones of
-    its label whose mask overlaps it by intersection-over-smaller >= ``match_ios`` or IoU >= ``match_iou``.
+                cut: np.ndarray, match_ios: float, match_iou: float) -> list[list[int]]:
+    """Greedy duplicate grouping: in score order, each kept detection takes the lower-scored ones of its
+    label whose mask overlaps the group's mask by IoU >= ``match_iou``, or by intersection over the
+    smaller mask >= ``match_ios`` when the smaller one is ``cut`` (touches an inner tile edge). Returns,
+    per group, the indices whose masks make its mask (``_combine``): its best whole view, then its fragments.
 
-    Unlike SAHI's GREEDYNMM, candidates are matched against the group's union mask as it grows (and
-    the neighbours of absorbed members become candidates): a top-scoring fragment cut by one tile edge
-    would otherwise absorb the whole object and leave that object's fragment from a third tile behind.
+    Intersection over the smaller is kept for fragments: a fragment lies inside the whole object, whereas
+    a whole detection inside a larger one is a neighbour under a detection spanning both (the low-score
+    tail has many such). For the same reason the group's mask, the one candidates are matched against,
+    grows by fragments (and by the whole view that replaces a kept fragment) but not by other whole views.
     """
     order = np.argsort(-scores, kind="stable")
     neighbours: dict[int, list[int]] = {}
@@ -376,29 +385,37 @@ def _greedy_nmm(boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray, items
         if taken[i]:
             continue
         taken[i] = True
-        group, union = [int(i)], items[i]
+        whole, members, mask = int(i), [], items[i]  # the group's best whole view, its fragments, its mask
         queue = sorted(neighbours.get(int(i), ()), key=lambda k: rank[k])
         while queue:
             j = queue.pop(0)
             if taken[j]:
                 continue
-            inter, area_u, area_j = mask_overlap(union, items[j])
-            smaller = min(area_u, area_j)
-            both = area_u + area_j - inter
-            if (smaller and inter / smaller >= match_ios) or (both and inter / both >= match_iou):
-                taken[j] = True
-                group.append(int(j))
-                union = union_mask([union, items[j]], union.image_size)
-                queue = sorted(set(queue) | {k for k in neighbours.get(j, ()) if not taken[k]},
-                               key=lambda k: rank[k])
-        groups.append(group)
+            inter, area_g, area_j = mask_overlap(mask, items[j])
+            both = area_g + area_j - inter
+            smaller = min(area_g, area_j)
+            ios = inter / smaller if smaller else 0.0
+            small_cut = cut[j] if area_j <= area_g else cut[whole]
+            if not ((both and inter / both >= match_iou) or (small_cut and ios >= match_ios)):
+                continue
+            taken[j] = True
+            if cut[j]:
+                members.append(int(j))
+            elif cut[whole] and area_g <= area_j and ios >= match_ios:
+                members.append(whole)  # the kept fragment: the object seen whole (containing it) replaces it
+                whole = int(j)
+            else:
+                continue  # another whole view: dropped, as NMS drops it
+            mask = union_mask([mask, items[j]], mask.image_size)
+            queue = sorted(set(queue) | {k for k in neighbours.get(j, ()) if not taken[k]}, key=lambda k: rank[k])
+        groups.append([whole, *members])
     return groups
 
 
 def _combine(groups: list[list[int]], boxes: np.ndarray, scores: np.ndarray, labels: np.ndarray,
              items: list[BoxMask], image_size: tuple[int, int]
              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[BoxMask]]:
-    """One detection per group: union box, highest score, the label, union mask."""
+    """One detection per group: union box, highest score, the first member's label, union mask."""
     out_boxes = np.empty((len(groups), 4), np.float32)
     out_scores = np.empty(len(groups), np.float32)
     out_labels = np.empty(len(groups), labels.dtype)

@@ -76,3 +76,27 @@ def test_batch_size_option(text, value):
 def test_bad_batch_size_is_a_usage_error(text):
     with pytest.raises(UsageError, match="--batch-size"):
         parse_batch_size(text)
+
+
+def test_batched_lets_go_of_an_image_before_the_next_is_decoded():
+    import weakref
+
+    class Image:  # stands for a DecodedImage: only the batch may hold it
+        pass
+
+    alive: list[weakref.ref] = []
+
+    def decoded():
+        for _ in range(3):
+            # the consumer dropped the last batch: nothing may still hold its image while this one decodes
+            assert [r() for r in alive if r() is not None] == []
+            image = Image()
+            alive.append(weakref.ref(image))
+            yield image
+            del image
+
+    seen = 0
+    for batch, _failures in batched(decoded(), 1):
+        seen += len(batch)
+        del batch
+    assert seen == 3

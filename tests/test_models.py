@@ -73,3 +73,47 @@ def test_device_names():
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
             resolve_device("cuda:0")
+
+
+_NO_DYNAMO = """
+import sys
+import torch
+from maskseg.config import ModelConfig
+from maskseg.segmenter import Segmenter
+from maskseg.models import load_model
+seg = Segmenter(ModelConfig(weights=sys.argv[1], device="cpu"))  # the predict path: TorchBackend.load
+state = load_model(ModelConfig(weights=sys.argv[1], device="cpu")).module.state_dict()
+saved = torch.load(sys.argv[1], weights_only=True)["state_dict"]
+assert state.keys() == saved.keys() and all(torch.equal(saved[k], state[k]) for k in saved)
+print(sorted(m for m in ("torch._dynamo", "torch._inductor", "triton") if m in sys.modules))
+ra = sys.modules["torchvision.ops.roi_align"]  # the module (torchvision.ops.roi_align is the function)
+stand_in = ra.is_compile_supported("cpu")  # the stand-in imports the real one when called
+import torch._dynamo.utils
+print(stand_in == torch._dynamo.utils.is_compile_supported("cpu"), torch._dynamo.utils.__file__ is not None)
+"""
+
+
+def test_loading_the_torch_backend_imports_no_dynamo_and_dynamo_still_works(tiny_checkpoint):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", _NO_DYNAMO, str(tiny_checkpoint)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split("\n")[:2] == ["[]", "True True"]
+
+
+def test_the_loaded_model_keeps_no_tensor_of_its_checkpoint():
+    # a compact (int8) checkpoint's tensors kept as metadata would keep the weights file mapped and resident
+    loaded = load_model(ModelConfig(name="demo", device="cpu"))
+    meta = loaded.extra["checkpoint"]
+    assert meta["categories"] and "int8" not in meta and "state_dict" not in meta
+
+    def tensors(x):
+        if isinstance(x, dict):
+            return sum(tensors(v) for v in x.values())
+        if isinstance(x, (list, tuple)):
+            return sum(tensors(v) for v in x)
+        return int(isinstance(x, torch.Tensor))
+
+    assert tensors(meta) == 0

@@ -111,6 +111,45 @@ def test_neighbours_and_other_classes_are_not_merged():
     assert sorted(merged.labels.tolist()) == [1, 1, 2]
 
 
+def test_low_scored_detection_spanning_two_neighbours_does_not_weld_them():
+    h, w = 100, 230
+    a = _ellipse(h, w, 40, 50, 12, 12)
+    b = _ellipse(h, w, 68, 50, 12, 12)  # a's neighbour, 4 px apart: both whole inside the left tile
+    span = _ellipse(h, w, 54, 50, 30, 14) | a | b  # the model's low-scored guess covering both
+    left, right = Tile(0, 0, 128, 100), Tile(102, 0, 230, 100)
+    parts = [(left, _dets_from_full_masks([_crop(a, left), _crop(b, left), _crop(span, left)], [1, 1, 1],
+                                          [0.99, 0.98, 0.2])),
+             (right, _dets_from_full_masks([], [], []))]
+    merged = merge_tiles(parts, (h, w))
+    assert merged.scores.tolist() == pytest.approx([0.99, 0.98, 0.2])  # a and b each stay themselves
+    np.testing.assert_array_equal(merged.masks[0].full(), a)
+    np.testing.assert_array_equal(merged.masks[1].full(), b)
+
+
+def test_whole_duplicates_keep_the_best_mask_not_their_union():
+    h, w = 100, 230
+    obj = _ellipse(h, w, 115, 50, 8, 8)  # inside the shared band, whole in both tiles
+    shifted = _ellipse(h, w, 116, 51, 8, 8)  # the other tile's view, 1 px off (IoU about 0.8)
+    left, right = Tile(0, 0, 128, 100), Tile(102, 0, 230, 100)
+    parts = [(left, _dets_from_full_masks([_crop(obj, left)], [1], [0.9])),
+             (right, _dets_from_full_masks([_crop(shifted, right)], [1], [0.6]))]
+    merged = merge_tiles(parts, (h, w))
+    assert len(merged) == 1 and merged.scores[0] == pytest.approx(0.9)
+    np.testing.assert_array_equal(merged.masks[0].full(), obj)
+
+
+def test_kept_fragment_takes_the_whole_view_and_its_other_fragments():
+    h, w = 100, 330
+    obj = _ellipse(h, w, 112, 50, 12, 12)  # whole in the middle tile; cut by the left and right tiles' edges
+    left, middle, right = Tile(0, 0, 110, 100), Tile(90, 0, 200, 100), Tile(110, 0, 330, 100)
+    parts = [(left, _dets_from_full_masks([_crop(obj, left)], [1], [0.95])),  # fragment, scored highest
+             (middle, _dets_from_full_masks([_crop(obj, middle)], [1], [0.9])),
+             (right, _dets_from_full_masks([_crop(obj, right)], [1], [0.5]))]
+    merged = merge_tiles(parts, (h, w))
+    assert len(merged) == 1 and merged.scores[0] == pytest.approx(0.95)
+    np.testing.assert_array_equal(merged.masks[0].full(), obj)
+
+
 def test_box_only_detections_merge_too():
     left, right = Tile(0, 0, 128, 100), Tile(102, 0, 230, 100)
     d1 = Detections(np.array([[60, 10, 128, 50]], np.float32), np.array([0.9], np.float32),

@@ -146,7 +146,8 @@ def predict_command(
     tile: Annotated[Optional[str], typer.Option(  # noqa: UP045
         metavar="PX|auto", rich_help_panel=RUN, show_default=False,
         help=f"Sliced inference for large images: cut each image into PX x PX tiles run through the model like "
-             f"images, then merge the detections (objects cut by a tile edge are joined). auto: tiles of "
+             f"images, then merge the detections (objects cut by a tile edge are joined; an object seen in two "
+             f"tiles is kept once, with its best whole view). auto: tiles of "
              f"{cfg.AUTO_TILE_SIZE} for images whose long side passes {cfg.AUTO_TILE_TRIGGER} px.")] = None,
     tile_overlap: Annotated[float, typer.Option(
         metavar="F", rich_help_panel=RUN,

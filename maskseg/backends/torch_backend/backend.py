@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...config import ModelConfig
-from ...models import LoadedModel, load_model, resolve_device
+from ...models import LoadedModel, import_torchvision, load_model, resolve_device
 from ..base import RawDetections
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ class TorchBackend:
         Done here rather than in ``load_model``, whose plain torchvision module training, inspection
         and export need. ``config.precision`` may be ``auto``: resolved here for this device."""
         from ...precision import bf16_hint, resolve_precision
+
+        import_torchvision()  # before optimize, which imports torchvision's modules: without torch._dynamo
         from .optimize import prepare_for_inference
 
         device = resolve_device(config.device)

@@ -36,6 +36,9 @@ from .roi_pools import use_fast_roi_pools
 
 log = logging.getLogger(__name__)
 
+# RoIs pooled for the box head at a time (``box_head_in_chunks``): 256 x 256 x 7 x 7 float32 is 12.8 MB.
+BOX_POOL_CHUNK = 256
+
 
 def prepare_for_inference(module: nn.Module, device: torch.device, *, threads: int | None = None) -> list[str]:
     """Apply the rewrites that fit ``module`` (torchvision MaskRCNN in eval mode) on ``device``.
@@ -434,7 +437,7 @@ def roi_heads_inference(roi_heads: RoIHeads, features: dict[str, torch.Tensor], 
     if roi_heads.training or roi_heads.keypoint_predictor is not None:
         result, _ = roi_heads(features, proposals, image_shapes)
         return result
-    box_features = roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, image_shapes))
+    box_features = box_head_in_chunks(roi_heads, features, proposals, image_shapes)
     class_logits, box_regression = roi_heads.box_predictor(box_features)
     del box_features
     boxes, scores, labels = roi_heads.postprocess_detections(class_logits, box_regression, proposals, image_shapes)
@@ -448,6 +451,26 @@ def roi_heads_inference(roi_heads: RoIHeads, features: dict[str, torch.Tensor], 
     for r, p in zip(result, probs.split([len(b) for b in boxes]), strict=True):
         r["masks"] = p
     return result
+
+
+def box_head_in_chunks(roi_heads: RoIHeads, features: dict[str, torch.Tensor], proposals: list[torch.Tensor],
+                       image_shapes: list[tuple[int, int]], chunk: int = BOX_POOL_CHUNK) -> torch.Tensor:
+    """``roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, image_shapes))``, [sum of
+    proposals, representation size], pooling at most ``chunk`` RoIs at a time.
+
+    Each RoI is pooled and run through the head alone, so chunks give the same rows in the same order
+    (image by image) up to float rounding; what changes is the pooled tensor held at once: 1000
+    proposals x 256 x 7 x 7 float32 is 50 MB, and its pooling transients about as much again.
+    """
+    if sum(len(p) for p in proposals) <= chunk:
+        return roi_heads.box_head(roi_heads.box_roi_pool(features, proposals, image_shapes))
+    empty = [p[:0] for p in proposals]
+    out = []
+    for i, p in enumerate(proposals):
+        for start in range(0, len(p), chunk):
+            boxes = [*empty[:i], p[start : start + chunk], *empty[i + 1 :]]
+            out.append(roi_heads.box_head(roi_heads.box_roi_pool(features, boxes, image_shapes)))
+    return torch.cat(out)
 
 
 def _mask_probs(predictor: nn.Module, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from maskseg.backends.torch_backend.optimize import (
     FusedBottleneck,
     FusedFPN,
     FusedTwoMLPHead,
+    box_head_in_chunks,
     fold_batchnorm,
     fuse_convs,
     pointwise_conv_available,
@@ -148,3 +149,22 @@ def test_fused_box_head_equals_torchvision_two_mlp_head():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     with torch.enable_grad():  # autograd takes torchvision's ops
         assert torch.equal(fused(x), head(x))
+
+
+@pytest.mark.parametrize("fast_pools", [False, True])
+def test_box_head_in_chunks_equals_one_pass(tiny_model, fast_pools):
+    net = copy.deepcopy(tiny_model)
+    if fast_pools:
+        prepare_for_inference(net, torch.device("cpu"))
+    torch.manual_seed(2)
+    with torch.inference_mode():
+        batch, _ = net.transform([torch.rand(3, 200, 240), torch.rand(3, 180, 260)])
+        features = net.backbone(batch.tensors)
+        proposals, _ = net.rpn(batch, features)
+        proposals = [proposals[0][:300], proposals[1][:41]]  # uneven, neither a multiple of the chunk
+        whole = box_head_in_chunks(net.roi_heads, features, proposals, batch.image_sizes, chunk=1000)
+        chunked = box_head_in_chunks(net.roi_heads, features, proposals, batch.image_sizes, chunk=64)
+        ref = net.roi_heads.box_head(net.roi_heads.box_roi_pool(features, proposals, batch.image_sizes))
+    assert len(proposals[0]) == 300 and chunked.shape == ref.shape == (341, ref.shape[1])
+    torch.testing.assert_close(whole, ref, rtol=0, atol=0)
+    torch.testing.assert_close(chunked, ref, rtol=1e-5, atol=1e-5)
