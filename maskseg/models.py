@@ -294,7 +294,7 @@ def import_torchvision() -> Any:
         import torchvision
         import torchvision.models.detection
         import torchvision.ops
-    except ImportError:  # it wanted more than the stand-in has: import it the plain way
+    except Exception:  # it wanted more than the stand-in has (an import or an attribute): the plain way
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         _drop(stand_ins)
