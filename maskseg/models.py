@@ -273,10 +273,7 @@ def import_torchvision() -> Any:
     import types
 
     if "torchvision" in sys.modules or "torch._dynamo" in sys.modules:
-        import torchvision
-        import torchvision.models.detection
-
-        return torchvision
+        return _torchvision_modules()
     import torch  # noqa: F401  (the real package first: the stand-ins sit inside it)
 
     def is_compile_supported(device_type: Any) -> Any:
@@ -291,19 +288,21 @@ def import_torchvision() -> Any:
     stand_ins = {"torch._dynamo": package, "torch._dynamo.utils": utils}
     sys.modules.update(stand_ins)
     try:
-        import torchvision
-        import torchvision.models.detection
-        import torchvision.ops
-    except Exception:  # it wanted more than the stand-in has (an import or an attribute): the plain way
+        return _torchvision_modules()
+    except Exception:  # it wanted more than the stand-in has (an import or an attribute): the plain way, below
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
-        _drop(stand_ins)
-        import torchvision
-        import torchvision.models.detection
-
-        return torchvision
     finally:
         _drop(stand_ins)
+    return _torchvision_modules()
+
+
+def _torchvision_modules() -> Any:
+    """``torchvision`` with the submodules maskseg's models use imported."""
+    import torchvision
+    import torchvision.models.detection
+    import torchvision.ops
+
     return torchvision
 
 

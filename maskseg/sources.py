@@ -565,7 +565,7 @@ def _from_list(lines: Iterable[str], base: str, recursive: bool, exclude: _Exclu
         except OSError:
             st = None
         if st is not None and stat.S_ISREG(st.st_mode):
-            folder = path[:path.rfind("/")] or "/" if posix else os.path.dirname(path)
+            folder = (path[:path.rfind("/")] or "/") if posix else os.path.dirname(path)
             if exclude is None or not exclude.holds_folder(folder):
                 yield folder, _file_row(path, st)
                 continue

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from ...config import ModelConfig
-from ...models import LoadedModel, import_torchvision, load_model, resolve_device
+from ...models import LoadedModel, load_model, resolve_device
 from ..base import RawDetections
 
 log = logging.getLogger(__name__)
@@ -45,13 +45,12 @@ class TorchBackend:
         and export need. ``config.precision`` may be ``auto``: resolved here for this device."""
         from ...precision import bf16_hint, resolve_precision
 
-        import_torchvision()  # before optimize, which imports torchvision's modules: without torch._dynamo
-        from .optimize import prepare_for_inference
-
         device = resolve_device(config.device)
         precision = resolve_precision(config.precision, backend="torch", device_type=device.type,
                                       cuda_bf16=cuda_supports_bf16(device))
-        loaded = load_model(config)
+        loaded = load_model(config)  # first: it imports torchvision without torch._dynamo, before optimize does
+        from .optimize import prepare_for_inference
+
         applied = prepare_for_inference(loaded.module, loaded.device, threads=config.threads)
         if precision.name == "bf16" and device.type == "cpu":
             from .bf16 import to_bf16
