@@ -4,18 +4,22 @@ engine's outputs; model actors land on both nodes; a node removed mid-run loses 
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
-import time
+import tempfile
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from maskseg.engine import LocalEngine
-from maskseg.engine.ray import ModelWorker, RayEngine
+from maskseg.engine.ray import RayEngine
 from maskseg.sources import scan_sources
 
-from ..conftest import run_cli
+from ..conftest import ROOT, run_cli
 from ..test_merge import comparable_outputs
 from .test_ray import COMMON, _config, photos  # noqa: F401 - photos is a fixture used here
 
@@ -79,59 +83,75 @@ def test_the_cli_joins_a_two_node_cluster_with_the_local_engines_outputs(cluster
     assert comparable_outputs(on_ray) == comparable_outputs(local)
 
 
-def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(cluster, photos, tiny_checkpoint,  # noqa: F811
+def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(photos, tiny_checkpoint,  # noqa: F811
                                                                     tmp_path):
-    c, worker = cluster
-    nodes = tmp_path / "nodes"
-    nodes.mkdir()
-
-    class RecordsItsNode(ModelWorker):
-        """Writes the id of the node it runs on, one file per actor process."""
-
-        def __init__(self, *args, **kwargs):
-            import ray
-
-            super().__init__(*args, **kwargs)
-            (nodes / f"{os.getpid()}-{ray.get_runtime_context().get_node_id()}").touch()
-
-    config = _config(tiny_checkpoint, workers=2, address=c.address)
-    refs = scan_sources([str(photos)]).refs
-    engine = RayEngine(config, actor_cls=RecordsItsNode)
-    engine.start()
-    results = []
-    try:
-        for step in engine.run(refs):
-            results.append(step)
-            if len(results) == 1:  # the worker node goes away (a preempted machine) with work in flight
-                deadline = time.monotonic() + 120  # under load the second actor may still be loading its model
-                while len({p.name.split("-", 1)[1] for p in nodes.iterdir()}) < 2 and time.monotonic() < deadline:
-                    time.sleep(0.5)
-                placed = {p.name.split("-", 1)[1] for p in nodes.iterdir()}
-                assert placed == {c.head_node.node_id, worker.node_id}, "the actors did not land on both nodes"
-                c.remove_node(worker, allow_graceful=False)
-    finally:
-        engine.close()
-    done = [d.ref.rel_path for r in results for d in r.images]
-    failed = [f.ref.rel_path for r in results for f in r.failures]
-    assert sorted(failed) == ["a/broken.jpg", "b/strip.png"]
-    assert sorted(done + failed) == sorted(r.rel_path for r in refs)  # every image exactly once
-    assert len(done) == len(set(done))
+    """A cluster of its own, owned and driven by a process of its own (``ray_node_loss``, in a new
+    session): whatever the lost node's teardown does to its driver cannot end this test session, and a
+    driver that dies is reported with Ray's own logs. A driver that dies is tried once more, with a
+    warning; lost or wrong images are never retried."""
+    report, first_death = None, None
+    for attempt in (1, 2):
+        work = tmp_path / f"attempt{attempt}"
+        work.mkdir()
+        report, death = _node_loss_run(tiny_checkpoint, photos, work)
+        if report is not None:
+            break
+        if first_death is not None:
+            pytest.fail(f"the driver died twice:\n{first_death}\n---\n{death}")
+        first_death = death
+    if first_death is not None:
+        warnings.warn(f"the node-loss driver died once and passed on its second try:\n{first_death}",
+                      stacklevel=1)
+    assert report is not None
+    assert set(report["placed"]) == {report["head"], report["worker"]}, "the actors did not land on both nodes"
+    assert report["removed"]
+    assert sorted(report["failed"]) == ["a/broken.jpg", "b/strip.png"]
+    assert report["done_count"] == len(report["done"])  # no image twice
+    assert sorted([*report["done"], *report["failed"]]) == sorted(report["refs"])  # every image once
 
     import torch
 
+    config = _config(tiny_checkpoint, workers=2)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(1)  # one torch thread, as in each Ray worker: the same float math
     try:
         reference = LocalEngine(config)
         reference.start()
-        expected = {d.ref.rel_path: dets for r in reference.run(refs)
+        expected = {d.ref.rel_path: dets for r in reference.run(scan_sources([str(photos)]).refs)
                     for d, dets in zip(r.images, r.detections, strict=True)}
     finally:
         torch.set_num_threads(threads)
-    got = {d.ref.rel_path: dets for r in results for d, dets in zip(r.images, r.detections, strict=True)}
-    assert got.keys() == expected.keys()
-    for rel, dets in got.items():
-        assert np.array_equal(dets.boxes, expected[rel].boxes) and np.array_equal(dets.scores, expected[rel].scores)
+    assert report["done"].keys() == expected.keys()
+    for rel, dets in report["done"].items():
+        assert np.array_equal(np.asarray(dets["boxes"], np.float32).reshape(-1, 4), expected[rel].boxes)
+        assert np.array_equal(np.asarray(dets["scores"], np.float32), expected[rel].scores)
+
+
+def _node_loss_run(weights: Path, folder: Path, work: Path) -> tuple[dict | None, str | None]:
+    """Runs ``ray_node_loss`` in a new session; (its report, None), or (None, how its driver died)."""
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    with open(work / "driver.log", "wb") as log:
+        proc = subprocess.run([sys.executable, "-m", "tests.engine.ray_node_loss", str(weights), str(folder),
+                               str(work)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                              start_new_session=True, timeout=600)
+    results = work / "results.json"
+    if proc.returncode == 0 and results.exists():
+        return json.loads(results.read_text()), None
+    said = (work / "driver.log").read_text(errors="replace")[-4000:]
+    return None, f"exit {proc.returncode}; it said:\n{said}{_ray_logs_tail()}"
+
+
+def _ray_logs_tail(lines: int = 15) -> str:
+    """The last lines of the newest Ray session's driver and raylet logs, for a driver that died."""
+    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
+    if not logs.is_dir():
+        return ""
+    said = []
+    for name in ("python-core-driver-*.log", "raylet*.out", "raylet*.err", "gcs_server.out"):
+        for path in sorted(logs.glob(name)):
+            tail = path.read_text(errors="replace").splitlines()[-lines:]
+            said.append(f"\n--- {path.name}:\n" + "\n".join(tail))
+    return "".join(said)
 
 
 def test_workers_read_objects_from_their_urls(cluster, s3_endpoint, photos, tiny_checkpoint,  # noqa: F811
