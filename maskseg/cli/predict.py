@@ -136,7 +136,7 @@ def predict_command(
     ray_address: Annotated[Optional[str], typer.Option(  # noqa: UP045
         metavar="ADDRESS", rich_help_panel=RUN,
         help="--engine ray: the cluster to join (auto, or HEAD:6379), run from one of its nodes; default: start "
-             "a local Ray.")] = None,
+             "a local Ray (RAY_ADDRESS is not read).")] = None,
     gpus_per_worker: Annotated[float, typer.Option(
         min=0.0, metavar="X", rich_help_panel=RUN, help="--engine ray: GPUs per model worker.")
     ] = _E.gpus_per_worker,

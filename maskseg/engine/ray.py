@@ -233,8 +233,10 @@ class RayEngine:
                 raise UsageError(f"--ray-address {engine.address}: cannot join the Ray cluster: {exc}") from None
         else:
             cpus = max(os.cpu_count() or 1, engine.workers * engine.threads_per_worker + 1)
-            ray.init(num_cpus=cpus, include_dashboard=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                     **common)
+            # "local": a Ray of its own, as documented, where ray.init() alone would join the cluster
+            # that RAY_ADDRESS or `ray start`'s ray_current_cluster file names (and refuse num_cpus there).
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, **common)
             log.debug("started a local Ray with %d CPUs", cpus)
         self._started_ray = True
         if quiet:

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -39,7 +40,8 @@ def ray_address() -> Iterator[str]:
     """A local Ray cluster, started in this process, that other processes join by its address."""
     import ray
 
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024**2,
+             log_to_driver=False)
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -103,15 +105,26 @@ def test_ray_run_killed_mid_way_resumes_to_the_local_engines_outputs(photos, tin
 
     args = [sys.executable, "-m", "maskseg", "predict", str(photos), "-o", str(on_ray), "--weights",
             str(tiny_checkpoint), "--engine", "ray", "--workers", "2", *COMMON]
+    # Without --ray-address the run starts a Ray of its own, even where RAY_ADDRESS and Ray's
+    # ray_current_cluster file (written by `ray start`) name a cluster that is up: the one of this module.
+    # Ray's temp folder must be short: its socket paths have to fit in 107 bytes.
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    (ray_tmp / "ray").mkdir()
+    (ray_tmp / "ray" / "ray_current_cluster").write_text(ray_address)
+    env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_ADDRESS=ray_address)
     with open(tmp_path / "killed.log", "wb") as log:
         # Its own session, so the kill takes the driver with the Ray it started (as a job scheduler does).
-        driver = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True)
+        driver = subprocess.Popen(args, stdout=log, stderr=log, start_new_session=True, env=env)
         deadline = time.monotonic() + 240
         while _done_lines(on_ray) == 0 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.01)
-        os.killpg(driver.pid, signal.SIGKILL)
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
+    sessions = list((ray_tmp / "ray").glob("session_2*"))
+    shutil.rmtree(ray_tmp, ignore_errors=True)
     assert driver.returncode == -signal.SIGKILL, (tmp_path / "killed.log").read_text()
+    assert len(sessions) == 1, sessions  # the Ray it started itself
     done_before = _done_lines(on_ray)
     assert 1 <= done_before < 12, done_before
 

@@ -4,8 +4,11 @@ engine's outputs; model actors land on both nodes; a node removed mid-run loses 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -128,29 +131,38 @@ def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(photos, tiny
 
 
 def _node_loss_run(weights: Path, folder: Path, work: Path) -> tuple[dict | None, str | None]:
-    """Runs ``ray_node_loss`` in a new session; (its report, None), or (None, how its driver died)."""
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    with open(work / "driver.log", "wb") as log:
-        proc = subprocess.run([sys.executable, "-m", "tests.engine.ray_node_loss", str(weights), str(folder),
-                               str(work)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                              start_new_session=True, timeout=600)
-    results = work / "results.json"
-    if proc.returncode == 0 and results.exists():
-        return json.loads(results.read_text()), None
-    said = (work / "driver.log").read_text(errors="replace")[-4000:]
-    return None, f"exit {proc.returncode}; it said:\n{said}{_ray_logs_tail()}"
+    """Runs ``ray_node_loss`` in a new session, with a Ray temp folder of its own (short: Ray's socket
+    paths must fit in 107 bytes); (its report, None), or (None, how its driver died)."""
+    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    env = dict(os.environ, PYTHONWARNINGS="ignore", RAY_TMPDIR=str(ray_tmp))
+    try:
+        with open(work / "driver.log", "wb") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "tests.engine.ray_node_loss", str(weights), str(folder),
+                                     str(work)], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+            try:
+                proc.wait(timeout=600)
+            finally:
+                with contextlib.suppress(ProcessLookupError):  # what its Ray left behind in its session
+                    os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        results = work / "results.json"
+        if proc.returncode == 0 and results.exists():
+            return json.loads(results.read_text()), None
+        said = (work / "driver.log").read_text(errors="replace")[-4000:]
+        return None, f"exit {proc.returncode}; it said:\n{said}{_ray_logs_tail(ray_tmp / 'ray')}"
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _ray_logs_tail(lines: int = 15) -> str:
-    """The last lines of the newest Ray session's driver and raylet logs, for a driver that died."""
-    logs = Path(tempfile.gettempdir()) / "ray" / "session_latest" / "logs"
-    if not logs.is_dir():
-        return ""
+def _ray_logs_tail(ray_dir: Path, lines: int = 15) -> str:
+    """The last lines of the Ray session's driver and raylet logs, for a driver that died."""
     said = []
-    for name in ("python-core-driver-*.log", "raylet*.out", "raylet*.err", "gcs_server.out"):
-        for path in sorted(logs.glob(name)):
-            tail = path.read_text(errors="replace").splitlines()[-lines:]
-            said.append(f"\n--- {path.name}:\n" + "\n".join(tail))
+    for session in sorted(ray_dir.glob("session_2*")):
+        for name in ("python-core-driver-*.log", "raylet*.out", "raylet*.err", "gcs_server.out"):
+            for path in sorted((session / "logs").glob(name)):
+                tail = path.read_text(errors="replace").splitlines()[-lines:]
+                said.append(f"\n--- {session.name}/{path.name}:\n" + "\n".join(tail))
     return "".join(said)
 
 
