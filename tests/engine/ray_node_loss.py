@@ -28,10 +28,20 @@ from .test_ray import _config
 PLACEMENT_WAIT_S = 120  # under load the second actor may still be loading its model
 
 
-def run(weights: Path, photos: Path, work: Path) -> dict:
-    """The scenario; returns what results.json holds."""
+def two_node_cluster():  # -> (ray.cluster_utils.Cluster, its worker node)
+    """A head node (3 CPUs) and a worker node (2 CPUs) on this machine, not joined by this process."""
     from ray.cluster_utils import Cluster
 
+    cluster = Cluster(initialize_head=True, connect=False,
+                      head_node_args={"num_cpus": 3, "object_store_memory": 150 * 1024**2,
+                                      "include_dashboard": False})
+    worker = cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
+    cluster.wait_for_nodes()
+    return cluster, worker
+
+
+def run(weights: Path, photos: Path, work: Path) -> dict:
+    """The scenario; returns what results.json holds."""
     nodes = work / "nodes"
     nodes.mkdir(parents=True)
 
@@ -47,11 +57,7 @@ def run(weights: Path, photos: Path, work: Path) -> dict:
     def placed() -> set[str]:
         return {p.name.split("-", 1)[1] for p in nodes.iterdir()}
 
-    cluster = Cluster(initialize_head=True, connect=False,
-                      head_node_args={"num_cpus": 3, "object_store_memory": 150 * 1024**2,
-                                      "include_dashboard": False})
-    worker = cluster.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
-    cluster.wait_for_nodes()
+    cluster, worker = two_node_cluster()
     report: dict = {"head": cluster.head_node.node_id, "worker": worker.node_id, "removed": False}
     refs = scan_sources([str(photos)]).refs
     engine = RayEngine(_config(weights, workers=2, address=cluster.address), actor_cls=RecordsItsNode)
@@ -69,10 +75,7 @@ def run(weights: Path, photos: Path, work: Path) -> dict:
                     cluster.remove_node(worker, allow_graceful=False)
                     report["removed"] = True
     finally:
-        engine.close()
-        import ray
-
-        ray.shutdown()
+        engine.close()  # leaves the Ray it joined
         cluster.shutdown()
     report["refs"] = [r.rel_path for r in refs]
     report["done"] = {d.ref.rel_path: {"boxes": dets.boxes.tolist(), "scores": dets.scores.tolist()}

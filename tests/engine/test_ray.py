@@ -46,6 +46,11 @@ def ray_address() -> Iterator[str]:
     ray.shutdown()
 
 
+def short_ray_tmpdir() -> Path:
+    """A new folder for RAY_TMPDIR, short because Ray's socket paths under it must fit in 107 bytes."""
+    return Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+
+
 @pytest.fixture
 def photos(tmp_path) -> Path:
     """Twelve real photos (six, twice, in two folders), a truncated JPEG and a 1x4000 strip of a photo
@@ -107,8 +112,7 @@ def test_ray_run_killed_mid_way_resumes_to_the_local_engines_outputs(photos, tin
             str(tiny_checkpoint), "--engine", "ray", "--workers", "2", *COMMON]
     # Without --ray-address the run starts a Ray of its own, even where RAY_ADDRESS and Ray's
     # ray_current_cluster file (written by `ray start`) name a cluster that is up: the one of this module.
-    # Ray's temp folder must be short: its socket paths have to fit in 107 bytes.
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    ray_tmp = short_ray_tmpdir()
     (ray_tmp / "ray").mkdir()
     (ray_tmp / "ray" / "ray_current_cluster").write_text(ray_address)
     env = dict(os.environ, RAY_TMPDIR=str(ray_tmp), RAY_ADDRESS=ray_address)

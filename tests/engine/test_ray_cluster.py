@@ -11,7 +11,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -24,7 +23,8 @@ from maskseg.sources import scan_sources
 
 from ..conftest import ROOT, run_cli
 from ..test_merge import comparable_outputs
-from .test_ray import COMMON, _config, photos  # noqa: F401 - photos is a fixture used here
+from .ray_node_loss import two_node_cluster
+from .test_ray import COMMON, _config, photos, short_ray_tmpdir  # noqa: F401 - photos is a fixture
 
 pytest.importorskip("ray.data")
 pytestmark = pytest.mark.slow
@@ -58,13 +58,8 @@ def s3_endpoint():
 
 @pytest.fixture(scope="module")
 def cluster(s3_endpoint):
-    """A head node (3 CPUs) and a worker node (2 CPUs), not joined by this process until a run does."""
-    from ray.cluster_utils import Cluster
-
-    c = Cluster(initialize_head=True, connect=False,
-                head_node_args={"num_cpus": 3, "object_store_memory": 150 * 1024**2, "include_dashboard": False})
-    worker = c.add_node(num_cpus=2, object_store_memory=150 * 1024**2)
-    c.wait_for_nodes()
+    """``two_node_cluster``'s cluster and worker node, not joined by this process until a run does."""
+    c, worker = two_node_cluster()
     yield c, worker
     import ray
 
@@ -131,9 +126,9 @@ def test_actors_on_both_nodes_and_a_node_lost_mid_run_loses_nothing(photos, tiny
 
 
 def _node_loss_run(weights: Path, folder: Path, work: Path) -> tuple[dict | None, str | None]:
-    """Runs ``ray_node_loss`` in a new session, with a Ray temp folder of its own (short: Ray's socket
-    paths must fit in 107 bytes); (its report, None), or (None, how its driver died)."""
-    ray_tmp = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))
+    """Runs ``ray_node_loss`` in a new session, with a Ray temp folder of its own; (its report, None),
+    or (None, how its driver died)."""
+    ray_tmp = short_ray_tmpdir()
     env = dict(os.environ, PYTHONWARNINGS="ignore", RAY_TMPDIR=str(ray_tmp))
     try:
         with open(work / "driver.log", "wb") as log:
